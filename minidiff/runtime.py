@@ -1,0 +1,83 @@
+"""The only global switches in minidiff: the fast-mode flag and the device choice.
+
+Every notebook sizes its loops with :func:`budget`, so one environment variable,
+``MINIDIFF_FAST=1``, shrinks the whole course to a smoke test (the test suite sets it
+by itself). :func:`device` picks the accelerator once, the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+N = TypeVar("N", int, float)
+
+_TRUE_WORDS = {"1", "true", "yes", "on"}
+_FALSE_WORDS = {"", "0", "false", "no", "off"}
+_DEVICE_KINDS = ("cuda", "mps", "cpu")
+
+
+def is_fast() -> bool:
+    """True when ``MINIDIFF_FAST`` asks for fast mode (1/true/yes/on); read on every call."""
+    raw = os.environ.get("MINIDIFF_FAST", "").strip().lower()
+    if raw in _TRUE_WORDS:
+        return True
+    if raw in _FALSE_WORDS:
+        return False
+    raise ValueError(f"MINIDIFF_FAST must be one of 1/0/true/false/yes/no/on/off, got {raw!r}")
+
+
+def budget(full: N, fast: N) -> N:
+    """Return ``fast`` in fast mode and ``full`` otherwise: the size of every loop in the course.
+
+    >>> budget(full=10_000, fast=50)  # training steps
+    """
+    if type(full) is not type(fast):
+        raise TypeError(f"budget: full and fast must have the same type, got {type(full)} and {type(fast)}")
+    if fast > full:
+        raise ValueError(f"budget: fast ({fast}) should not exceed full ({full})")
+    return fast if is_fast() else full
+
+
+def device() -> torch.device:
+    """The device to compute on: ``MINIDIFF_DEVICE`` if set, else cuda, then mps, then cpu.
+
+    ``MINIDIFF_DEVICE`` takes any name torch understands (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
+    asking for an accelerator that is absent is an error rather than a silent fall-back.
+    """
+    requested = os.environ.get("MINIDIFF_DEVICE", "").strip()
+    if requested:
+        try:
+            chosen = torch.device(requested)
+        except RuntimeError as error:
+            raise ValueError(f"MINIDIFF_DEVICE={requested!r} is not a device name ({error})") from error
+        if chosen.type not in _DEVICE_KINDS:
+            raise ValueError(f"MINIDIFF_DEVICE must name one of {_DEVICE_KINDS}, got {requested!r}")
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"MINIDIFF_DEVICE={requested!r} but torch sees no CUDA device")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"MINIDIFF_DEVICE={requested!r} but torch sees no MPS device")
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices) and return a fresh CPU ``torch.Generator`` with that seed.
+
+    Functions in minidiff that draw random numbers take an explicit ``generator`` argument;
+    the returned one is a convenient default for a notebook.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,77 @@
+"""Plotting helpers shared by the notebooks: image grids, 2D scatter and density plots, a t-slider."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """Tile [N, C, H, W] images in [-1, 1] into one [rows·H, nrow·W] (or ·3) array in [0, 1] for imshow."""
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+    images = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    count, channels, height, width = images.shape
+    rows = -(-count // nrow)
+    grid = np.ones((rows * (height + padding) - padding, nrow * (width + padding) - padding, channels))
+    for index in range(count):
+        top, left = (index // nrow) * (height + padding), (index % nrow) * (width + padding)
+        grid[top:top + height, left:left + width] = images[index].permute(1, 2, 0).numpy()
+    return grid[..., 0] if channels == 1 else grid
+
+
+def show_images(images: torch.Tensor, nrow: int = 8, title: str | None = None, ax: plt.Axes | None = None) -> plt.Axes:
+    """Show a batch of images in [-1, 1] as one grid."""
+    ax = ax or plt.figure(figsize=(nrow * 0.8, max(1, -(-len(images) // nrow)) * 0.8)).gca()
+    ax.imshow(image_grid(images, nrow), cmap="gray", vmin=0, vmax=1)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def scatter2d(points: torch.Tensor, ax: plt.Axes | None = None, title: str | None = None,
+              lim: float = 3.0, **kwargs: object) -> plt.Axes:
+    """Scatter [N, 2] points on a square, equal-aspect panel of half-width ``lim``."""
+    ax = ax or plt.figure(figsize=(4, 4)).gca()
+    points = points.detach().cpu().numpy()
+    style = {"s": 2, "alpha": 0.5} | kwargs
+    ax.scatter(points[:, 0], points[:, 1], **style)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def density_contours(log_prob: Callable[[torch.Tensor], torch.Tensor], ax: plt.Axes | None = None,
+                     lim: float = 3.0, resolution: int = 150, levels: int = 10, **kwargs: object) -> plt.Axes:
+    """Draw contours of exp(log_prob) over [-lim, lim]² (log_prob maps [N, 2] points to [N] values)."""
+    ax = ax or plt.figure(figsize=(4, 4)).gca()
+    axis = torch.linspace(-lim, lim, resolution, dtype=torch.float64)
+    grid_x, grid_y = torch.meshgrid(axis, axis, indexing="xy")
+    density = log_prob(torch.stack([grid_x.flatten(), grid_y.flatten()], 1)).exp().reshape(resolution, resolution)
+    ax.contour(grid_x.numpy(), grid_y.numpy(), density.detach().cpu().numpy(), levels=levels, **kwargs)
+    ax.set_aspect("equal")
+    return ax
+
+
+def slider(draw: Callable[[int], None], values: Sequence[int], name: str = "t") -> None:
+    """An ipywidgets slider that calls ``draw(value)``; without ipywidgets, draw a few values instead.
+
+    Run headless (nbval, CI, a script), ``interact`` simply renders the default value once, so the
+    cell still runs and shows a picture.
+    """
+    values = list(values)
+    try:
+        import ipywidgets
+    except ImportError:  # degrade gracefully: a static strip of the first, middle and last value
+        for value in (values[0], values[len(values) // 2], values[-1]):
+            draw(value)
+        return
+    ipywidgets.interact(draw, **{name: ipywidgets.SelectionSlider(options=values, value=values[len(values) // 2],
+                                                                    description=name)})

@@ -1,0 +1,49 @@
+"""The set-up files agree with each other, and CI runs exactly the README's test command."""
+
+import re
+
+import tomllib
+import yaml
+
+from tests.notebook_tools import ROOT
+
+CONDA_NAMES = {"torch": "pytorch"}  # PyPI name -> conda-forge name where they differ
+
+
+def requirement_parts(requirement: str) -> tuple[str, str]:
+    match = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", requirement.strip())
+    assert match, requirement
+    return match.group(1).lower(), match.group(2).replace(" ", "")
+
+
+def test_environment_yml_matches_pyproject() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = dict(requirement_parts(d) for d in environment["dependencies"] if isinstance(d, str))
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    for name, spec in map(requirement_parts, wanted):
+        conda_name = CONDA_NAMES.get(name, name)
+        assert conda_name in conda, f"environment.yml lacks {conda_name} (pyproject asks for {name}{spec})"
+        assert conda[conda_name] == spec, \
+            f"{conda_name}: environment.yml says {conda[conda_name]!r}, pyproject {spec!r}"
+    pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
+    assert '-e ".[dev]"' in pip_section or "-e .[dev]" in pip_section
+    assert conda["python"] == "=3.11"
+
+
+def readme_block(heading: str) -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split(heading, 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.strip().splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    (test_command,) = readme_block("### Test")
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines, f".ci/run must run the README's test command verbatim: {test_command}"
+
+
+def test_readme_has_one_setup_and_one_open_command() -> None:
+    assert len(readme_block("### Set up")) == 1
+    assert readme_block("### Open the course") == ["jupyter lab notebooks/"]
