@@ -269,8 +269,9 @@ class NoiseSchedule:
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None,
                          device: torch.device | str = "cpu") -> torch.Tensor:
-        """t ~ Uniform{1, …, T}, one per example (Algorithm 1, line 3)."""
-        return torch.randint(1, self.T + 1, (batch_size,), generator=generator).to(device)
+        """t ~ Uniform{1, …, T}, one per example (Algorithm 1, line 3), drawn on the generator's device."""
+        draw_on = generator.device if generator is not None else device
+        return torch.randint(1, self.T + 1, (batch_size,), generator=generator, device=draw_on).to(device)
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:

@@ -112,6 +112,14 @@ class GaussianMixture:
         return GaussianMixture(self.weights, math.sqrt(alpha_bar) * self.means,
                                alpha_bar * self.covariances + (1.0 - alpha_bar) * eye)
 
+    def convolved(self, noise_var: float | torch.Tensor) -> GaussianMixture:
+        """The data plus independent N(0, noise_var · I) noise: Σ_k π_k N(μ_k, Σ_k + noise_var I) (lesson 04)."""
+        noise_var = float(noise_var)
+        if noise_var < 0:
+            raise ValueError(f"noise_var must be >= 0, got {noise_var}")
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        return GaussianMixture(self.weights, self.means, self.covariances + noise_var * eye)
+
     def at(self, schedule: NoiseSchedule, t: Timesteps) -> GaussianMixture:
         """The exact marginal q_t(x_t) of this mixture under ``schedule`` at the single timestep t (0..T)."""
         t = schedule.check_timesteps(t, lowest=0)

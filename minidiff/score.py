@@ -1,0 +1,151 @@
+"""Scores, score matching and Langevin dynamics (lesson 04).
+
+The score of a density p is s(x) = ∇_x log p(x). It needs no normalising constant, and it is what a
+diffusion model learns: ε_θ(x_t, t) = −√(1 − ᾱ_t) ∇ log q_t(x_t) (lesson 04, eq. 9; see
+``NoiseSchedule.score_from_eps`` / ``eps_from_score``). A score model here is a callable
+``score_model(x, sigma)`` or ``score_model(x)``; all losses return a scalar to minimise.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from minidiff.schedules import NoiseSchedule
+from minidiff.toys import GaussianMixture
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+TimeModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> score or ε
+
+
+def gaussian_score(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
+    """∇_x log N(x; mean, var · I) = −(x − mean) / var."""
+    var = torch.as_tensor(var)
+    if (var <= 0).any():
+        raise ValueError("gaussian_score needs var > 0")
+    return -(x - mean) / var
+
+
+# ---------------------------------------------------------------------------------------
+# Oracles: exact scores of a mixture's noised marginals, as the models a network would be
+# ---------------------------------------------------------------------------------------
+
+
+def _per_timestep(x: torch.Tensor, t: torch.Tensor,
+                  value_at: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Evaluate value_at(t_value, rows) for each distinct timestep in the batch (samplers use one t at a time)."""
+    out = torch.empty_like(x)
+    for value in torch.unique(t):
+        rows = t == value
+        out[rows] = value_at(int(value), x[rows]).to(x.dtype)
+    return out
+
+
+def mixture_score_model(mixture: GaussianMixture, schedule: NoiseSchedule) -> TimeModel:
+    """(x_t, t) ↦ ∇ log q_t(x_t), exact, for data drawn from ``mixture`` noised by ``schedule`` (t in 0..T)."""
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _per_timestep(x, t, lambda step, rows: mixture.at(schedule, step).score(rows))
+    return score
+
+
+def mixture_eps_model(mixture: GaussianMixture, schedule: NoiseSchedule) -> TimeModel:
+    """(x_t, t) ↦ −√(1 − ᾱ_t) ∇ log q_t(x_t): the best possible ε-predictor for mixture data (lesson 04, eq. 9)."""
+    score = mixture_score_model(mixture, schedule)
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedule.eps_from_score(x, t, score(x, t))
+    return eps
+
+
+# ---------------------------------------------------------------------------------------
+# Score matching losses
+# ---------------------------------------------------------------------------------------
+
+
+def explicit_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, true_score: torch.Tensor) -> torch.Tensor:
+    """½ E ‖s_θ(x) − ∇ log p(x)‖² (lesson 04, eq. 2): only possible when the true score is known."""
+    if true_score.shape != x.shape:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, true_score {tuple(true_score.shape)}")
+    return 0.5 * ((score_model(x) - true_score) ** 2).sum(-1).mean()
+
+
+def denoising_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, sigma: float,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """½ E ‖s_θ(x + σz) + z/σ‖² (Vincent 2011; lesson 04, eq. 4).
+
+    Its minimiser is the score of the *noised* data p_σ = p ∗ N(0, σ² I), because E[−z/σ | x̃] = ∇ log p_σ(x̃);
+    it differs from the explicit loss against ∇ log p_σ by a constant that does not depend on θ.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return 0.5 * ((score_model(x + sigma * z) + z / sigma) ** 2).sum(-1).mean()
+
+
+def sliced_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, generator: torch.Generator | None = None,
+                               num_projections: int = 1) -> torch.Tensor:
+    """E_v E_x [ vᵀ ∇_x(vᵀ s_θ(x)) + ½ (vᵀ s_θ(x))² ], v ~ N(0, I) (Song et al. 2019; lesson 04, eq. 6).
+
+    Equal to the explicit loss minus ½ E‖∇ log p‖² (a constant) after integration by parts, and needs
+    neither the true score nor the full Jacobian: one Jacobian-vector product per projection.
+    """
+    x = x.detach().requires_grad_(True)
+    total = x.new_zeros(())
+    for _ in range(num_projections):
+        v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        projected = (score_model(x) * v).sum(-1)
+        (gradient,) = torch.autograd.grad(projected.sum(), x, create_graph=True)
+        total = total + ((gradient * v).sum(-1) + 0.5 * projected**2).mean()
+    return total / num_projections
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling with scores
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def langevin(score_fn: ScoreFn, x_init: torch.Tensor, step_size: float, num_steps: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unadjusted Langevin dynamics: x ← x + η ∇ log p(x) + √(2η) z (lesson 04, eq. 7).
+
+    For small η and many steps the iterates follow p. ``x_init`` is not modified.
+    """
+    if step_size <= 0 or num_steps < 0:
+        raise ValueError(f"need step_size > 0 and num_steps >= 0, got {step_size}, {num_steps}")
+    x = x_init.clone()
+    for _ in range(num_steps):
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = x + step_size * score_fn(x) + (2 * step_size) ** 0.5 * z
+    return x
+
+
+@torch.no_grad()
+def annealed_langevin(score_fn: Callable[[torch.Tensor, float], torch.Tensor], x_init: torch.Tensor,
+                      sigmas: Sequence[float], steps_per_level: int, step_scale: float,
+                      generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1; lesson 04, eq. 8).
+
+    For each noise level σ_i from largest to smallest, run ``steps_per_level`` Langevin steps on
+    p_{σ_i} with step size η_i = step_scale · σ_i² / σ_L², so that the signal-to-noise of each step is
+    the same at every level. ``score_fn(x, sigma)`` is the score of the data convolved with N(0, σ² I).
+    """
+    sigmas = [float(s) for s in sigmas]
+    if any(b > a for a, b in itertools.pairwise(sigmas)) or min(sigmas) <= 0:
+        raise ValueError("sigmas must be positive and decreasing (largest noise first)")
+    x = x_init.clone()
+    for sigma in tqdm(sigmas, disable=not progress, desc="annealed Langevin", leave=False):
+        step_size = step_scale * sigma**2 / sigmas[-1] ** 2
+        x = langevin(lambda points, s=sigma: score_fn(points, s), x, step_size, steps_per_level, generator)
+    return x
+
+
+def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> list[float]:
+    """σ_1 > … > σ_L spaced geometrically from sigma_max to sigma_min (NCSN's ladder)."""
+    if not sigma_max > sigma_min > 0 or num_levels < 2:
+        raise ValueError("need sigma_max > sigma_min > 0 and num_levels >= 2")
+    return torch.logspace(torch.log10(torch.tensor(sigma_max)), torch.log10(torch.tensor(sigma_min)),
+                          num_levels, dtype=torch.float64).tolist()

@@ -1,0 +1,46 @@
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from minidiff.metrics import compare_to_data, energy_distance, sliced_wasserstein
+
+
+def expected_abs(mean: float, std: float) -> float:
+    """E|N(mean, std²)| (folded normal)."""
+    folded = std * math.sqrt(2 / math.pi) * math.exp(-(mean**2) / (2 * std**2))
+    return folded + mean * (1 - 2 * stats.norm.cdf(-mean / std))
+
+
+def test_energy_distance_of_shifted_gaussians_matches_the_formula() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shift = 0.7
+    a = torch.randn(4000, 1, generator=generator, dtype=torch.float64)
+    b = torch.randn(4000, 1, generator=generator, dtype=torch.float64) + shift
+    exact = 2 * expected_abs(shift, math.sqrt(2)) - 2 * expected_abs(0.0, math.sqrt(2))
+    # the V-statistic adds (E|X − X′| + E|Y − Y′|)/n to the exact value
+    bias = 2 * expected_abs(0.0, math.sqrt(2)) / 4000
+    assert energy_distance(a, b) == pytest.approx(exact + bias, abs=0.02)
+    assert energy_distance(a, a) == 0.0
+
+
+def test_sliced_wasserstein_in_one_dimension_is_the_shift() -> None:
+    a = torch.linspace(-1, 1, 1001)[:, None]
+    assert sliced_wasserstein(a, a + 0.3, num_projections=8) == pytest.approx(0.3, rel=1e-5)
+
+
+def test_compare_to_data_baseline_and_errors() -> None:
+    generator = torch.Generator().manual_seed(0)
+    same = compare_to_data(torch.randn(500, 2, generator=generator), lambda n, g: torch.randn(n, 2, generator=g),
+                           generator)
+    shifted = compare_to_data(torch.randn(500, 2, generator=generator) + 1,
+                              lambda n, g: torch.randn(n, 2, generator=g), generator)
+    assert same.ratio < 2 < 20 < shifted.ratio
+    assert "ratio" in str(same)
+    with pytest.raises(ValueError, match="metric"):
+        compare_to_data(torch.zeros(5, 2), lambda n, g: torch.zeros(n, 2), generator, metric="fid")
+    with pytest.raises(ValueError, match="same D"):
+        energy_distance(torch.zeros(5, 2), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="equal sizes"):
+        sliced_wasserstein(torch.zeros(5, 2), torch.zeros(6, 2))
