@@ -149,3 +149,33 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> lis
         raise ValueError("need sigma_max > sigma_min > 0 and num_levels >= 2")
     return torch.logspace(torch.log10(torch.tensor(sigma_max)), torch.log10(torch.tensor(sigma_min)),
                           num_levels, dtype=torch.float64).tolist()
+
+
+class NoiseConditionalScore:
+    """s_θ(x, σ_i) = −net(x, i) / σ_i for a ladder of noise levels σ_1 > … > σ_L (NCSN; lesson 04, eq. 5).
+
+    ``net(x, i)`` is any network taking the level index i (e.g. :class:`~minidiff.nets.MLPDenoiser`). Writing
+    the score as −net/σ makes the σ²-weighted denoising loss (Song & Ermon 2019, eq. 6)
+    ½ σ² ‖s_θ(x + σz, σ) + z/σ‖² = ½ ‖net(x + σz, i) − z‖²: the network predicts the noise, as in DDPM.
+    """
+
+    def __init__(self, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sigmas: Sequence[float]) -> None:
+        self.net = net
+        self.sigmas = torch.as_tensor(list(sigmas), dtype=torch.float32)
+        if (self.sigmas.diff() >= 0).any() or (self.sigmas <= 0).any():
+            raise ValueError("sigmas must be positive and strictly decreasing")
+
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising score matching at a random level per example, weighted by σ²: ½ E ‖net(x + σz, i) − z‖²."""
+        levels = torch.randint(0, len(self.sigmas), (x.shape[0],), generator=generator).to(x.device)
+        sigma = self.sigmas.to(x.device)[levels][:, None]
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return 0.5 * ((self.net(x + sigma * z, levels) - z) ** 2).sum(-1).mean()
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The score at noise level ``sigma``, which must be one of the ladder's levels."""
+        matches = torch.isclose(self.sigmas, torch.tensor(float(sigma)), rtol=1e-5).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"sigma={sigma} is not one of this model's noise levels")
+        level = torch.full((x.shape[0],), int(matches[0]), device=x.device)
+        return -self.net(x.float(), level).to(x.dtype) / float(sigma)

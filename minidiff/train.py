@@ -156,14 +156,18 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
 
 
 def ddpm_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 1 of Ho et al. (2020): L_simple = E ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², t ~ U{1..T}.
 
-    The mean over every dimension is used (a constant factor away from the sum in the paper).
+    The mean over every dimension is used (a constant factor away from the sum in the paper). ``t`` and
+    ``noise`` are drawn here unless given (giving them makes the loss deterministic, e.g. to check it).
     """
-    t = schedule.sample_timesteps(x0.shape[0], generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device,
-                        dtype=x0.dtype).to(x0.device)
+    if t is None:
+        t = schedule.sample_timesteps(x0.shape[0], generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device,
+                            dtype=x0.dtype).to(x0.device)
     prediction = model(schedule.q_sample(x0, t, noise), t)
     return ((noise - prediction.float()) ** 2).mean()
 

@@ -75,3 +75,22 @@ def slider(draw: Callable[[int], None], values: Sequence[int], name: str = "t") 
         return
     ipywidgets.interact(draw, **{name: ipywidgets.SelectionSlider(options=values, value=values[len(values) // 2],
                                                                     description=name)})
+
+
+def score_field(score: Callable[[torch.Tensor], torch.Tensor], ax: plt.Axes | None = None, lim: float = 3.0,
+                resolution: int = 21, title: str | None = None, **kwargs: object) -> plt.Axes:
+    """Draw a score field ∇ log p as arrows on a grid (arrow lengths normalised per plot; colour = magnitude)."""
+    ax = ax or plt.figure(figsize=(4, 4)).gca()
+    axis = torch.linspace(-lim, lim, resolution, dtype=torch.float64)
+    grid_x, grid_y = torch.meshgrid(axis, axis, indexing="xy")
+    points = torch.stack([grid_x.flatten(), grid_y.flatten()], 1)
+    with torch.no_grad():
+        vectors = score(points).detach().double().cpu()
+    lengths = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # show directions with a gently compressed length, so both strong and weak regions stay readable
+    shown = vectors / lengths * lengths.log1p()
+    ax.quiver(points[:, 0], points[:, 1], shown[:, 0], shown[:, 1], lengths[:, 0], cmap="viridis", **kwargs)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+    if title:
+        ax.set_title(title)
+    return ax
