@@ -4,6 +4,10 @@ A distance between finite sample sets is never exactly zero, even for two draws 
 number alone means little. :func:`compare_to_data` therefore reports the distance from the samples to
 fresh data together with the distance between two independent data sets of the same size: a perfect
 sampler scores about the baseline (ratio ≈ 1).
+
+The ratio of a single sample set is itself noisy: on the eight-Gaussian mixture with 3,000 points, fresh data
+scored 1.03–1.48 and an exact sampler 0.89–2.3 across draws, because the mode counts of a finite sample
+fluctuate. Where an exact density exists (:func:`mixture_log_likelihood`), it is the steadier judge.
 """
 
 from __future__ import annotations
