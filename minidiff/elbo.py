@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule, Timesteps
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -155,7 +156,7 @@ def diffusion_term(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Tenso
     """
     if not isinstance(t, int) or not 2 <= t <= schedule.T:
         raise ValueError(f"diffusion_term needs an int t in 2..{schedule.T} (t = 1 is the decoder L_0), got {t!r}")
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    noise = randn_like(x0, generator)
     x_t = schedule.q_sample(x0, t, noise)
     timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
     true_mean, true_var = posterior_mean_variance(schedule, x0, x_t, timesteps)
@@ -172,7 +173,7 @@ def decoder_term(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Tensor,
     """
     if decoder not in ("discretized", "gaussian"):
         raise ValueError(f"decoder must be 'discretized' or 'gaussian', got {decoder!r}")
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    noise = randn_like(x0, generator)
     x_1 = schedule.q_sample(x0, 1, noise)
     ones = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
     mean, var = model_mean_variance(schedule, x_1, ones, eps_model(x_1, ones), variance)
@@ -219,7 +220,7 @@ def trajectory_bound(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Ten
     x_prev = x0
     variances = model_variances(schedule, variance)
     for t in range(1, schedule.T + 1):
-        x_t = schedule.q_step(x_prev, t, torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device))
+        x_t = schedule.q_step(x_prev, t, randn_like(x0, generator))
         beta = schedule.betas[t].item()
         log_ratio += _sum_per_example(gaussian_log_prob(x_t, (1 - beta) ** 0.5 * x_prev, torch.tensor(beta)))
         timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)

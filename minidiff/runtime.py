@@ -81,3 +81,13 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise with the shape, dtype and device of ``x``, drawn from ``generator``.
+
+    The draw happens on the generator's own device (a CPU generator gives the same numbers whatever the
+    device of ``x``), then moves to ``x``'s device; without a generator it uses ``x``'s device's global RNG.
+    """
+    where = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)

@@ -13,15 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.elbo import model_mean_variance
+from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn on the generator's device then moved to x's."""
-    where = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
 
 
 def initial_noise(shape: tuple[int, ...] | None, x_T: torch.Tensor | None, generator: torch.Generator | None,
@@ -31,7 +26,7 @@ def initial_noise(shape: tuple[int, ...] | None, x_T: torch.Tensor | None, gener
         raise ValueError("give exactly one of shape (to draw x_T ~ N(0, I)) or x_T")
     if x_T is not None:
         return x_T
-    return _randn_like(torch.empty(shape, device=device or "cpu"), generator)
+    return randn_like(torch.empty(shape, device=device or "cpu"), generator)
 
 
 @torch.no_grad()
@@ -51,7 +46,7 @@ def ddpm_sample(eps_model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, 
     for t in tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM sampling", leave=False):
         steps = torch.full((batch,), t, dtype=torch.long, device=x.device)
         mean, var = model_mean_variance(schedule, x, steps, eps_model(x, steps).to(x.dtype), variance)
-        x = mean + var.sqrt() * _randn_like(x, generator) if t > 1 else mean
+        x = mean + var.sqrt() * randn_like(x, generator) if t > 1 else mean
         if return_trajectory:
             trajectory.append(x.cpu())
     return (x, trajectory) if return_trajectory else x

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
 from minidiff.toys import GaussianMixture
 
@@ -81,7 +82,7 @@ def denoising_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, sigma: 
     """
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    z = randn_like(x, generator)
     return 0.5 * ((score_model(x + sigma * z) + z / sigma) ** 2).sum(-1).mean()
 
 
@@ -95,7 +96,7 @@ def sliced_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, generator:
     x = x.detach().requires_grad_(True)
     total = x.new_zeros(())
     for _ in range(num_projections):
-        v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        v = randn_like(x, generator)
         projected = (score_model(x) * v).sum(-1)
         (gradient,) = torch.autograd.grad(projected.sum(), x, create_graph=True)
         total = total + ((gradient * v).sum(-1) + 0.5 * projected**2).mean()
@@ -118,7 +119,7 @@ def langevin(score_fn: ScoreFn, x_init: torch.Tensor, step_size: float, num_step
         raise ValueError(f"need step_size > 0 and num_steps >= 0, got {step_size}, {num_steps}")
     x = x_init.clone()
     for _ in range(num_steps):
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        z = randn_like(x, generator)
         x = x + step_size * score_fn(x) + (2 * step_size) ** 0.5 * z
     return x
 
@@ -169,7 +170,7 @@ class NoiseConditionalScore:
         """Denoising score matching at a random level per example, weighted by σ²: ½ E ‖net(x + σz, i) − z‖²."""
         levels = torch.randint(0, len(self.sigmas), (x.shape[0],), generator=generator).to(x.device)
         sigma = self.sigmas.to(x.device)[levels][:, None]
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        z = randn_like(x, generator)
         return 0.5 * ((self.net(x + sigma * z, levels) - z) ** 2).sum(-1).mean()
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
+from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
 from minidiff.toys import GaussianMixture
 
@@ -167,10 +168,6 @@ def mixture_score(sde: SDE, mixture: GaussianMixture) -> ScoreFn:
     return score
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-
-
 def prior_sample(sde: SDE, shape: tuple[int, ...], generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """x_1 ~ N(0, prior_std² I)."""
@@ -192,7 +189,7 @@ def euler_maruyama(sde: SDE, x0: torch.Tensor, s_end: float, num_steps: int,
     x = x0.clone()
     for s, s_next in itertools.pairwise(times):
         step = s_next - s
-        x = x + sde.drift(x, s) * step + sde.diffusion(s) * math.sqrt(step) * _noise(x, generator)
+        x = x + sde.drift(x, s) * step + sde.diffusion(s) * math.sqrt(step) * randn_like(x, generator)
     return x
 
 
@@ -214,7 +211,7 @@ def reverse_sde_sample(sde: SDE, score_fn: ScoreFn, x_T: torch.Tensor, num_steps
         g = sde.diffusion(s)
         x = x - (sde.drift(x, s) - g**2 * score_fn(x, s)) * step
         if index < num_steps - 1:
-            x = x + g * math.sqrt(step) * _noise(x, generator)
+            x = x + g * math.sqrt(step) * randn_like(x, generator)
     return x
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minidiff.runtime import device as default_device
+from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
 
 Batch = Any
@@ -166,8 +167,7 @@ def ddpm_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     if t is None:
         t = schedule.sample_timesteps(x0.shape[0], generator, device=x0.device)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device,
-                            dtype=x0.dtype).to(x0.device)
+        noise = randn_like(x0, generator)
     prediction = model(schedule.q_sample(x0, t, noise), t)
     return ((noise - prediction.float()) ** 2).mean()
 

@@ -55,3 +55,13 @@ def test_seed_everything_reproduces_draws() -> None:
     assert torch.equal(a, b) and torch.equal(a_global, b_global)
     with pytest.raises(ValueError, match="seed"):
         minidiff.seed_everything(-1)
+
+
+def test_randn_like_draws_from_the_generator_and_keeps_shape_dtype_device() -> None:
+    from minidiff.runtime import randn_like
+
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    a = randn_like(x, torch.Generator().manual_seed(5))
+    b = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(a, b) and a.dtype == torch.float64 and a.device == x.device
+    assert randn_like(x).shape == (3, 4)
