@@ -7,16 +7,12 @@ Every sampler takes an ε-model ``eps_model(x_t, t)`` (t: 1-D int64 tensor of th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from tqdm.auto import tqdm
 
-from minidiff.elbo import model_mean_variance
+from minidiff.elbo import EpsModel, model_mean_variance
 from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
-
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def initial_noise(shape: tuple[int, ...] | None, x_T: torch.Tensor | None, generator: torch.Generator | None,
