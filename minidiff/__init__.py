@@ -5,6 +5,7 @@ formula that the modules implement.
 """
 
 from minidiff.runtime import budget, device, is_fast, seed_everything
+from minidiff.weights import pretrained
 
-__all__ = ["budget", "device", "is_fast", "seed_everything"]
+__all__ = ["budget", "device", "is_fast", "pretrained", "seed_everything"]
 __version__ = "0.1.0"

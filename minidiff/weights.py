@@ -1,0 +1,146 @@
+"""Saving and loading weights: safetensors files with a JSON card beside them (lesson 07).
+
+A weights file holds tensors only (safetensors), so loading it can never run code, unlike a pickled
+``torch.save`` checkpoint. Next to ``NAME.safetensors`` sits ``NAME.json``, the model's card: the class
+and config that rebuild the network, the recipe command that trained it, steps, time, device, the
+metrics it reached, and the file's sha256, which is checked on every load. Both files are written to a
+temporary name first and then renamed, so an interrupted save never leaves half a file behind.
+
+The shipped weights live in ``minidiff/pretrained_weights/``; :func:`pretrained` loads them by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minidiff.nets import DigitClassifier, UNet
+from minidiff.runtime import device as default_device
+from minidiff.schedules import NoiseSchedule
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained_weights"
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"UNet": UNet, "DigitClassifier": DigitClassifier}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(temporary_path)``, then rename the temporary file onto ``path`` (atomic on one file system)."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp makes the file private; weights and cards are for everyone to read
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: nn.Module, path: str | Path, card: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """Write ``model``'s weights to ``path`` (…/NAME.safetensors) and its card to NAME.json; return the card.
+
+    Floating-point tensors are stored as ``dtype`` (half precision by default: half the size, and the
+    loaded network's outputs differ by about 1e-3 of their scale) and loaded back as float32.
+    The card is ``card`` plus the model's class and config, its parameter count and the file's sha256.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors, got {path}")
+    if type(model).__name__ not in MODEL_CLASSES or not hasattr(model, "config"):
+        raise ValueError(f"can only save {sorted(MODEL_CLASSES)} models, got {type(model).__name__}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
+               for name, value in model.state_dict().items()}
+    _atomic_write(path, lambda temporary: save_file(tensors, temporary))
+    card = dict(card or {}) | {
+        "model": {"class": type(model).__name__, "config": model.config},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "stored_dtype": str(dtype).removeprefix("torch."),
+        "file_bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+    def write_card(temporary: str) -> None:
+        Path(temporary).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+    _atomic_write(path.with_suffix(".json"), write_card)
+    return card
+
+
+def _weights_path(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".safetensors":
+        return candidate
+    path = WEIGHTS_DIR / f"{name_or_path}.safetensors"
+    if not path.exists():
+        raise ValueError(f"no pretrained weights named {name_or_path!r}; available: {available()}")
+    return path
+
+
+def load_card(name_or_path: str | Path) -> dict[str, Any]:
+    """The JSON card of shipped weights ``name`` (or of a ``.safetensors`` path)."""
+    return json.loads(_weights_path(name_or_path).with_suffix(".json").read_text(encoding="utf-8"))
+
+
+def build_model(card: dict[str, Any]) -> nn.Module:
+    """A fresh, untrained network of the class and config that ``card`` describes."""
+    spec = card["model"]
+    if spec["class"] not in MODEL_CLASSES:
+        raise ValueError(f"unknown model class {spec['class']!r} in card; known: {sorted(MODEL_CLASSES)}")
+    config = {key: tuple(value) if isinstance(value, list) else value for key, value in spec["config"].items()}
+    return MODEL_CLASSES[spec["class"]](**config)
+
+
+def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) -> nn.Module:
+    """Load a safetensors file into ``model`` (strictly: every name and shape must match), checking ``sha256``."""
+    path = Path(path)
+    if sha256 is not None and (actual := file_sha256(path)) != sha256:
+        raise ValueError(f"{path} is corrupted or was replaced: sha256 {actual[:12]}… but its card says "
+                         f"{sha256[:12]}…; re-download or re-run its recipe")
+    tensors = load_file(path)  # safetensors: plain tensors, never pickle
+    reference = model.state_dict()
+    model.load_state_dict({name: value.to(reference[name].dtype) if name in reference else value
+                           for name, value in tensors.items()}, strict=True)
+    return model
+
+
+def pretrained(name: str, device: torch.device | str | None = None, directory: str | Path | None = None) -> nn.Module:
+    """The network ``name`` with its shipped weights, in eval mode on ``device``; its card is ``model.card``.
+
+    ``directory`` loads from somewhere else (e.g. the output of ``python -m minidiff.recipes``).
+    """
+    path = Path(directory) / f"{name}.safetensors" if directory is not None else _weights_path(name)
+    if not path.exists():
+        raise ValueError(f"no weights at {path}")
+    card = load_card(path)
+    model = load_weights(build_model(card), path, card["sha256"])
+    model.card = card
+    return model.to(device or default_device()).eval()
+
+
+def schedule_from_card(card: dict[str, Any]) -> NoiseSchedule:
+    """The noise schedule a diffusion model was trained with, as recorded in its card."""
+    spec = card.get("schedule")
+    if spec is None:
+        raise ValueError("this card records no noise schedule (is it a classifier?)")
+    return getattr(NoiseSchedule, spec["kind"])(spec["T"])
+
+
+def available() -> list[str]:
+    """Names of the shipped weights."""
+    return sorted(path.stem for path in WEIGHTS_DIR.glob("*.safetensors"))
