@@ -219,3 +219,21 @@ def judge_samples(judge: nn.Module, samples: torch.Tensor) -> JudgeReport:
     _, reference_features = classify(judge, heldout)
     return JudgeReport(_verdict(judge, samples.detach().float().cpu().clamp(-1, 1), reference_features),
                        _verdict(judge, train, reference_features))
+
+
+def within_class_spread(judge: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    """Diversity within classes: the mean over classes of E‖f − mean_class(f)‖² of the judge's features f.
+
+    Classes are ``labels`` if given (real digits), else the judge's own predictions (samples: the spread
+    within what was actually drawn). Guidance trades this away for fidelity (lesson 09); compare it with
+    the same number for real digits.
+    """
+    probabilities, features = classify(judge, images)
+    labels = probabilities.argmax(dim=1) if labels is None else labels.cpu()
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    spreads = [features[labels == c].var(dim=0, unbiased=False).sum().item()
+               for c in labels.unique() if (labels == c).sum() > 1]
+    if not spreads:
+        raise ValueError("need at least two images of some class")
+    return sum(spreads) / len(spreads)

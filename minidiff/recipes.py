@@ -46,8 +46,11 @@ def _device_name(target: torch.device) -> str:
 
 
 def _card(name: str, result: TrainResult, batch_size: int, seed: int, metrics: dict[str, Any],
-          extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"name": name, "recipe": f"python -m minidiff.recipes {name}" + (" --fast" if is_fast() else ""),
+          extra: dict[str, Any] | None = None, time_limit: float | None = None) -> dict[str, Any]:
+    command = f"python -m minidiff.recipes {name}" + (" --fast" if is_fast() else "")
+    command += f" --seed {seed}" if seed else ""
+    command += f" --time-limit {time_limit:g}" if time_limit is not None else ""
+    return {"name": name, "recipe": command,
             "seed": seed, "fast_mode": is_fast(), "steps": result.steps, "batch_size": batch_size,
             "train_seconds": round(result.seconds, 1),
             "iterations_per_second": round(result.steps / max(result.seconds, 1e-9), 2),
@@ -81,7 +84,8 @@ def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | No
     heldout, heldout_labels = load_mnist("heldout")
     metrics = {"heldout_accuracy": round(judge_accuracy(judge, heldout, heldout_labels), 4),
                "train_accuracy": round(judge_accuracy(judge, *load_mnist("train")), 4)}
-    return save_weights(judge, out / "judge.safetensors", _card("judge", result, batch_size, seed, metrics))
+    card = _card("judge", result, batch_size, seed, metrics, time_limit=time_limit)
+    return save_weights(judge, out / "judge.safetensors", card)
 
 
 def _diffusion_card_metrics(samples: torch.Tensor, judge_directory: Path | None) -> dict[str, Any]:
@@ -112,7 +116,8 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
     samples = ddpm_sample(ema, schedule, (budget(full=1000, fast=4), 1, 28, 28), generator=generator,
                           device=target, progress=progress)
     metrics = _diffusion_card_metrics(samples, judge_directory)
-    card = _card("mnist_ddpm", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"})
+    card = _card("mnist_ddpm", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
+                 time_limit)
     return save_weights(ema, out / "mnist_ddpm.safetensors", card)
 
 
@@ -137,7 +142,8 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
     judge = pretrained("judge", directory=judge_directory)
     metrics = {"conditional_accuracy_no_guidance": round(judge_accuracy(judge, samples, requested), 4),
                "samples": count, "label_dropout": 0.1}
-    card = _card("mnist_cond", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"})
+    card = _card("mnist_cond", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
+                 time_limit)
     return save_weights(ema, out / "mnist_cond.safetensors", card)
 
 
@@ -164,7 +170,7 @@ def train_noisy_classifier(out: Path, seed: int = 0, progress: bool = True, step
             noisy = schedule.q_sample(heldout, steps_t, torch.randn(heldout.shape, generator=generator).to(target))
             predicted = classifier(noisy, steps_t).argmax(dim=1)
             accuracy[f"heldout_accuracy_t{t}"] = round((predicted == heldout_labels).float().mean().item(), 4)
-    card = _card("noisy_classifier", result, batch_size, seed, accuracy, {"schedule": MNIST_SCHEDULE})
+    card = _card("noisy_classifier", result, batch_size, seed, accuracy, {"schedule": MNIST_SCHEDULE}, time_limit)
     return save_weights(classifier, out / "noisy_classifier.safetensors", card)
 
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-N = TypeVar("N", int, float)
+N = TypeVar("N", int, float, list, tuple)
 
 _TRUE_WORDS = {"1", "true", "yes", "on"}
 _FALSE_WORDS = {"", "0", "false", "no", "off"}
@@ -35,10 +35,15 @@ def budget(full: N, fast: N) -> N:
     """Return ``fast`` in fast mode and ``full`` otherwise: the size of every loop in the course.
 
     >>> budget(full=10_000, fast=50)  # training steps
+    >>> budget(full=[10, 20, 50, 100], fast=[2, 4])  # a list of settings to try: fast has no more entries
     """
     if type(full) is not type(fast):
         raise TypeError(f"budget: full and fast must have the same type, got {type(full)} and {type(fast)}")
-    if fast > full:
+    if isinstance(full, list | tuple):
+        # a list of sizes (steps to try, scales to sweep): fast mode should not try more of them
+        if len(fast) > len(full):
+            raise ValueError(f"budget: fast ({fast}) should not have more entries than full ({full})")
+    elif fast > full:
         raise ValueError(f"budget: fast ({fast}) should not exceed full ({full})")
     return fast if is_fast() else full
 

@@ -89,7 +89,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         grad_clip: float | None = 1.0, device: torch.device | None = None, bf16: bool = False,
         progress: bool = True, warmup_steps: int = 0, cosine_decay: bool = False,
         result: TrainResult | None = None, channels_last: bool = False,
-        time_limit: float | None = None) -> TrainResult:
+        time_limit: float | None = None, callback: Callable[[TrainResult], None] | None = None,
+        callback_every: int = 100) -> TrainResult:
     """Train ``model`` for ``steps`` AdamW steps on ``loss_fn(model, next_batch())``.
 
     Args:
@@ -103,6 +104,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         result: continue a previous run (its loss history and EMA are extended).
         time_limit: stop after this many seconds even if fewer than ``steps`` were taken (the learning-rate
             schedule is still laid out over ``steps``); ``result.timed_out`` then says so.
+        callback: called as ``callback(result)`` every ``callback_every`` steps and at the end, e.g. to redraw a
+            live loss curve in a notebook.
 
     Interrupting (Ctrl-C, or "interrupt the kernel" in Jupyter) stops cleanly: the model keeps the
     weights trained so far and the result says ``interrupted=True``.
@@ -156,6 +159,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
             result.losses.append(loss_value)
             if step % 25 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{sum(result.losses[-25:]) / len(result.losses[-25:]):.4f}")
+            if callback is not None and result.steps % callback_every == 0:
+                callback(result)
             if time_limit is not None and time.perf_counter() - start >= time_limit:
                 result.timed_out = True
                 break
@@ -166,6 +171,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         bar.close()
         result.seconds += time.perf_counter() - start
         model.eval()
+    if callback is not None:
+        callback(result)
     return result
 
 

@@ -94,3 +94,36 @@ def score_field(score: Callable[[torch.Tensor], torch.Tensor], ax: plt.Axes | No
     if title:
         ax.set_title(title)
     return ax
+
+
+def live_loss_plot(window: int = 50, min_interval: float = 1.0) -> Callable[[object], None]:
+    """A ``callback`` for :func:`minidiff.train.fit` that redraws the loss curve in place in a notebook.
+
+    It redraws at most every ``min_interval`` seconds (drawing is slow next to a training step) and
+    always when a run ends; the raw loss is drawn faintly under its running mean over ``window`` steps.
+    """
+    import time
+
+    from IPython.display import display
+
+    figure, ax = plt.subplots(figsize=(6, 3))
+    plt.close(figure)  # shown through the display handle only, not again at the end of the cell
+    handle = display(figure, display_id=True)
+    last_draw, last_seconds = [0.0], [0.0]
+
+    def update(result: object) -> None:
+        now = time.perf_counter()
+        finished = result.seconds != last_seconds[0]  # fit adds to result.seconds only when a run ends
+        if now - last_draw[0] < min_interval and not finished:
+            return
+        last_draw[0], last_seconds[0] = now, result.seconds
+        ax.clear()
+        ax.plot(result.losses, alpha=0.3, lw=0.5, label="loss")
+        ax.plot(result.smoothed_losses(window), label=f"mean of {window}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.legend(loc="upper right")
+        ax.set_title(f"step {result.steps}, {result.seconds:.0f} s" if result.seconds else f"step {result.steps}")
+        handle.update(figure)
+
+    return update

@@ -65,3 +65,9 @@ def test_randn_like_draws_from_the_generator_and_keeps_shape_dtype_device() -> N
     b = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     assert torch.equal(a, b) and a.dtype == torch.float64 and a.device == x.device
     assert randn_like(x).shape == (3, 4)
+
+
+def test_budget_of_a_list_compares_lengths() -> None:
+    assert budget(full=[10, 20, 50], fast=[30]) in ([30], [10, 20, 50])
+    with pytest.raises(ValueError, match="more entries"):
+        budget(full=[1, 2], fast=[1, 2, 3])

@@ -85,7 +85,8 @@ def test_shipped_weights_have_complete_cards_and_fit_the_size_budget() -> None:
         card = load_card(name)
         for key in ("recipe", "steps", "train_seconds", "device", "metrics", "sha256", "model", "seed"):
             assert key in card, f"{name}.json lacks {key!r}"
-        assert card["recipe"] == f"python -m minidiff.recipes {name}" and not card["fast_mode"]
+        assert card["recipe"].startswith(f"python -m minidiff.recipes {name}") and not card["fast_mode"]
+        assert ("--time-limit" in card["recipe"]) == card["stopped_by_time_limit"]  # the command reproduces it
         assert card["sha256"] == file_sha256(WEIGHTS_DIR / f"{name}.safetensors")
 
 

@@ -1,0 +1,155 @@
+"""Steering a sampler towards a class (lesson 09): classifier guidance and classifier-free guidance.
+
+Both are *wrappers*: they take models and return a new ε-model ``eps(x_t, t)``, so every sampler of
+lessons 03 and 08 accepts a guided model unchanged.
+
+Bayes' rule on scores (lesson 09, eq. 1): ∇ log p(x_t | y) = ∇ log p(x_t) + ∇ log p(y | x_t). With the
+ε ↔ score relation ε = −√(1 − ᾱ_t) ∇ log p(x_t), a guidance scale s gives
+
+    classifier guidance:       ε̂ = ε(x_t) − s √(1 − ᾱ_t) ∇ log p_φ(y | x_t, t)      (Dhariwal & Nichol 2021)
+    classifier-free guidance:  ε̂ = ε(x_t, ∅) + s (ε(x_t, y) − ε(x_t, ∅))            (Ho & Salimans 2022)
+
+The two conventions for the scale, once and for all
+---------------------------------------------------
+minidiff's ``scale`` s multiplies the *whole* class term: s = 0 is unconditional, s = 1 is the plain
+conditional model, s > 1 over-emphasises the class. Ho & Salimans write ε̂ = (1 + w) ε(x, y) − w ε(x, ∅),
+so their w = s − 1 (their w = 0 is our s = 1). Diffusers' ``guidance_scale`` is our s. Convert with
+:func:`scale_from_ho_salimans_w` and :func:`ho_salimans_w_from_scale`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from minidiff.elbo import EpsModel
+from minidiff.schedules import NoiseSchedule
+from minidiff.score import mixture_eps_model
+from minidiff.toys import GaussianMixture
+
+#: A classifier of noisy inputs: (x_t, t) ↦ logits (or log-probabilities) of shape [B, num_classes].
+NoisyClassifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def scale_from_ho_salimans_w(w: float) -> float:
+    """Ho & Salimans' w (ε̂ = (1 + w) ε_c − w ε_u) as minidiff's scale s = 1 + w."""
+    return 1.0 + w
+
+
+def ho_salimans_w_from_scale(scale: float) -> float:
+    """minidiff's scale s (ε̂ = ε_u + s (ε_c − ε_u)) as Ho & Salimans' w = s − 1."""
+    return scale - 1.0
+
+
+def _check_labels(labels: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+    labels = torch.as_tensor(labels, device=device)
+    if labels.ndim == 0:
+        labels = labels.expand(batch)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must be an int or a tensor of shape [{batch}], got shape {tuple(labels.shape)}")
+    return labels.long()
+
+
+def classifier_free_guidance(model: nn.Module, labels: torch.Tensor | int, scale: float) -> EpsModel:
+    """ε̂(x_t, t) = ε(x_t, t, ∅) + scale · (ε(x_t, t, y) − ε(x_t, t, ∅)) for a model with a null class.
+
+    ``model(x, t, y)`` must accept ``y = model.null_class`` for "no label" (trained with label dropout,
+    :func:`minidiff.train.conditional_ddpm_loss`). Both predictions come from one batched call.
+    """
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0 (0: unconditional, 1: conditional), got {scale}")
+    null_class = getattr(model, "null_class", None)
+    if null_class is None:
+        raise ValueError("classifier-free guidance needs a model with a null class (UNet(num_classes=...))")
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = _check_labels(labels, x.shape[0], x.device)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    return guided
+
+
+def classifier_log_likelihood_gradient(classifier: NoisyClassifier, x: torch.Tensor, t: torch.Tensor,
+                                       labels: torch.Tensor) -> torch.Tensor:
+    """∇_x log p(y | x_t, t) by autograd, with log p = log_softmax(classifier(x_t, t)) (works inside no_grad)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        log_probs = torch.log_softmax(classifier(x, t).float(), dim=1)
+        chosen = log_probs.gather(1, labels[:, None]).sum()
+        (gradient,) = torch.autograd.grad(chosen, x)
+    return gradient
+
+
+def classifier_guidance(eps_model: EpsModel, classifier: NoisyClassifier, schedule: NoiseSchedule,
+                        labels: torch.Tensor | int, scale: float) -> EpsModel:
+    """ε̂(x_t, t) = ε(x_t, t) − scale · √(1 − ᾱ_t) ∇ log p(y | x_t, t) (Dhariwal & Nichol 2021, Algorithm 2).
+
+    ``classifier(x_t, t)`` must be trained on *noisy* inputs (lesson 09, §2): its gradient at x_t is only
+    meaningful where it has seen data. The minus sign comes from ε = −√(1 − ᾱ_t) × score.
+    """
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = _check_labels(labels, x.shape[0], x.device)
+        eps = eps_model(x, t)
+        if scale == 0:
+            return eps
+        gradient = classifier_log_likelihood_gradient(classifier, x, t, y).to(eps.dtype)
+        noise_level = (1 - schedule.gather(schedule.alpha_bars, t, x)).sqrt()  # √(1 − ᾱ_t)
+        return eps - scale * noise_level * gradient
+
+    return guided
+
+
+# ---------------------------------------------------------------------------------------
+# Exact guidance for a labelled Gaussian mixture (lesson 09, §4)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_component_labels(mixture: GaussianMixture, component_labels: torch.Tensor) -> torch.Tensor:
+    component_labels = torch.as_tensor(component_labels).long()
+    if component_labels.shape != mixture.weights.shape:
+        raise ValueError(f"component_labels needs one class per component ({tuple(mixture.weights.shape)}), "
+                         f"got shape {tuple(component_labels.shape)}")
+    return component_labels
+
+
+def class_conditional_mixture(mixture: GaussianMixture, component_labels: torch.Tensor, label: int) -> GaussianMixture:
+    """p(x | y): the components whose class is ``label``, with their weights renormalised."""
+    chosen = _check_component_labels(mixture, component_labels) == label
+    if not chosen.any():
+        raise ValueError(f"no component has class {label}")
+    return GaussianMixture(mixture.weights[chosen], mixture.means[chosen], mixture.covariances[chosen])
+
+
+def mixture_noisy_classifier(mixture: GaussianMixture, component_labels: torch.Tensor,
+                             schedule: NoiseSchedule) -> NoisyClassifier:
+    """The exact noisy classifier: (x_t, t) ↦ log p(y | x_t) = log Σ_{k: class k = y} p(k | x_t) under q_t.
+
+    Differentiable in x_t, so :func:`classifier_guidance` can use it in place of a trained classifier.
+    """
+    component_labels = _check_component_labels(mixture, component_labels)
+    num_classes = int(component_labels.max()) + 1
+    membership = torch.nn.functional.one_hot(component_labels, num_classes).double()  # [K, classes]
+
+    def log_posterior(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], num_classes)
+        for step in torch.unique(t):  # samplers use one t per call; loop over distinct values otherwise
+            rows = t == step
+            responsibilities = mixture.at(schedule, int(step)).responsibilities(x[rows]).double()
+            out[rows] = (responsibilities @ membership.to(x.device)).clamp_min(1e-300).log().to(x.dtype)
+        return out
+
+    return log_posterior
+
+
+def mixture_eps_models(mixture: GaussianMixture, component_labels: torch.Tensor,
+                       schedule: NoiseSchedule) -> tuple[EpsModel, Callable[[int], EpsModel]]:
+    """The exact ε of p(x) and a function ``label ↦`` exact ε of p(x | label), both under ``schedule``."""
+    return (mixture_eps_model(mixture, schedule),
+            lambda label: mixture_eps_model(class_conditional_mixture(mixture, component_labels, label), schedule))
