@@ -48,7 +48,7 @@ def test_samplers_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="method"):
         pf_ode_sample(eps, schedule, (4, 2), method="rk4")
     with pytest.raises(ValueError, match="exactly one of shape"):
-        ddim_sample(eps, schedule)
+        ddim_sample(eps, schedule, steps=10)
 
 
 def test_ddim_with_eta_one_over_all_steps_is_ddpm_with_posterior_variance() -> None:
@@ -112,15 +112,19 @@ def test_orders_of_convergence_with_the_exact_mixture_score() -> None:
 
 
 def test_fast_samplers_land_on_the_mixture() -> None:
-    """With the exact score, 50 steps of each sampler give samples whose log-density matches the data's."""
+    """With the exact score each sampler lands within 0.1 nats of the data's mean log-density.
+
+    The modes are narrow (std 0.15), and coarse deterministic samplers over-concentrate on them: the excess
+    measured 0.12 for DDIM with 50 steps, 0.05 with 200 and 0.03 with 1000 (lesson 08), hence the step counts.
+    """
     schedule = NoiseSchedule.cosine(1000)
     eps = mixture_eps_model(MIXTURE, schedule)
     x_T = start_noise(2000, seed=5)
     data_level = MIXTURE.log_prob(MIXTURE.sample(20000, torch.Generator().manual_seed(0))).mean().item()
-    for samples in (ddim_sample(eps, schedule, x_T=x_T, steps=50),
-                    pf_ode_sample(eps, schedule, x_T=x_T, steps=25),
-                    dpm_solver_pp_sample(eps, schedule, x_T=x_T, steps=20),
-                    ddim_sample(eps, schedule, x_T=x_T, steps=100, eta=1.0, generator=torch.Generator())):
+    for samples in (ddim_sample(eps, schedule, x_T=x_T, steps=200),
+                    pf_ode_sample(eps, schedule, x_T=x_T, steps=100),
+                    dpm_solver_pp_sample(eps, schedule, x_T=x_T, steps=50),
+                    ddim_sample(eps, schedule, x_T=x_T, steps=1000, eta=1.0, generator=torch.Generator())):
         assert abs(MIXTURE.log_prob(samples).mean().item() - data_level) < 0.1
 
 

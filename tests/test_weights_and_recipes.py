@@ -133,3 +133,20 @@ def test_recipe_command_line_rejects_bad_arguments() -> None:
         recipes.main(["no_such_recipe"])
     with pytest.raises(SystemExit):
         recipes.main(["judge", "--steps", "0"])
+
+
+def test_an_interrupted_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "judge.safetensors"
+    save_weights(DigitClassifier(), path)
+    before = path.read_bytes()
+
+    def crash(tensors: dict, filename: str) -> None:
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minidiff.weights.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_weights(DigitClassifier(), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judge.json", "judge.safetensors"]
