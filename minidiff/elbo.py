@@ -9,8 +9,8 @@ The bound (Ho et al. 2020, eq. 5) on the negative log-likelihood of one example 
     L_{t−1} = E_{x_t ~ q} KL( q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t) )   (t = 2..T)
     L_0     = −E_{x_1 ~ q} log p_θ(x_0 | x_1)                           (decoder)
 
-An ε-model is any callable ``eps_model(x_t, t) -> ε̂`` with ``t`` a 1-D int64 tensor of the paper's
-timesteps (see :mod:`minidiff.schedules`). The reverse model is
+An ε-model is an :data:`~minidiff.contracts.EpsModel`, ``eps_model(x_t, timesteps) -> ε̂`` with one of the
+paper's timesteps per example (see :mod:`minidiff.schedules`). The reverse model is
 p_θ(x_{t−1} | x_t) = N(μ_θ(x_t, t), σ_t² I) with μ_θ = (x_t − β_t/√(1 − ᾱ_t) ε̂) / √α_t and a fixed
 σ_t² ∈ {β_t, β̃_t}. At t = 1 both choices use σ_1² = β_1, because β̃_1 = 0 would make the decoder a
 point mass. All per-example quantities are sums over every non-batch dimension, in nats.
@@ -19,18 +19,18 @@ point mass. All per-example quantities are sums over every non-batch dimension, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
+from minidiff.contracts import EpsModel
 from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule, Timesteps
 
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VARIANCE_KINDS = ("beta", "beta_tilde")
 
 
-def _sum_per_example(values: torch.Tensor) -> torch.Tensor:
+def sum_per_example(values: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but the first (the batch): a per-example total, in nats for log-densities."""
     return values.reshape(values.shape[0], -1).sum(1) if values.ndim > 1 else values
 
 
@@ -145,7 +145,7 @@ def elbo_weights(schedule: NoiseSchedule, variance: str = "beta") -> torch.Tenso
 def prior_term(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per example: no parameters, and tiny for a good schedule."""
     mean, var = schedule.q_mean_variance(x0, schedule.T)
-    return _sum_per_example(gaussian_kl(mean, var, torch.zeros_like(mean), torch.ones_like(var)))
+    return sum_per_example(gaussian_kl(mean, var, torch.zeros_like(mean), torch.ones_like(var)))
 
 
 def diffusion_term(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Tensor, t: int,
@@ -161,7 +161,7 @@ def diffusion_term(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Tenso
     timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
     true_mean, true_var = posterior_mean_variance(schedule, x0, x_t, timesteps)
     model_mean, model_var = model_mean_variance(schedule, x_t, timesteps, eps_model(x_t, timesteps), variance)
-    return _sum_per_example(gaussian_kl(true_mean, true_var, model_mean, model_var))
+    return sum_per_example(gaussian_kl(true_mean, true_var, model_mean, model_var))
 
 
 def decoder_term(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Tensor,
@@ -178,8 +178,8 @@ def decoder_term(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Tensor,
     ones = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
     mean, var = model_mean_variance(schedule, x_1, ones, eps_model(x_1, ones), variance)
     if decoder == "gaussian":
-        return -_sum_per_example(gaussian_log_prob(x0, mean, var))
-    return -_sum_per_example(discretized_gaussian_log_likelihood(x0, mean, var.sqrt()))
+        return -sum_per_example(gaussian_log_prob(x0, mean, var))
+    return -sum_per_example(discretized_gaussian_log_likelihood(x0, mean, var.sqrt()))
 
 
 @torch.no_grad()
@@ -222,16 +222,16 @@ def trajectory_bound(schedule: NoiseSchedule, eps_model: EpsModel, x0: torch.Ten
     for t in range(1, schedule.T + 1):
         x_t = schedule.q_step(x_prev, t, randn_like(x0, generator))
         beta = schedule.betas[t].item()
-        log_ratio += _sum_per_example(gaussian_log_prob(x_t, (1 - beta) ** 0.5 * x_prev, torch.tensor(beta)))
+        log_ratio += sum_per_example(gaussian_log_prob(x_t, (1 - beta) ** 0.5 * x_prev, torch.tensor(beta)))
         timesteps = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
         model_mean = posterior_mean_from_eps(schedule, x_t, timesteps, eps_model(x_t, timesteps))
         model_var = variances[t].to(x0.dtype)
         if t == 1 and decoder == "discretized":
-            log_ratio -= _sum_per_example(discretized_gaussian_log_likelihood(x_prev, model_mean, model_var.sqrt()))
+            log_ratio -= sum_per_example(discretized_gaussian_log_likelihood(x_prev, model_mean, model_var.sqrt()))
         else:
-            log_ratio -= _sum_per_example(gaussian_log_prob(x_prev, model_mean, model_var))
+            log_ratio -= sum_per_example(gaussian_log_prob(x_prev, model_mean, model_var))
         x_prev = x_t
-    log_ratio -= _sum_per_example(gaussian_log_prob(x_prev, torch.zeros_like(x_prev), torch.tensor(1.0)))
+    log_ratio -= sum_per_example(gaussian_log_prob(x_prev, torch.zeros_like(x_prev), torch.tensor(1.0)))
     return log_ratio
 
 
@@ -240,52 +240,3 @@ def l_simple(eps: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
     if eps.shape != eps_pred.shape:
         raise ValueError(f"shape mismatch: eps {tuple(eps.shape)}, eps_pred {tuple(eps_pred.shape)}")
     return ((eps - eps_pred) ** 2).mean()
-
-
-# ---------------------------------------------------------------------------------------
-# An exactly solvable case: Gaussian data (lesson 02, "checking the bound")
-# ---------------------------------------------------------------------------------------
-
-
-class GaussianData:
-    """Data x_0 ~ N(mean, var · I), for which the best ε-predictor and the model's likelihood are exact.
-
-    With Gaussian data, E[x_0 | x_t] = mean + k_t (x_t − √ᾱ_t mean), k_t = √ᾱ_t var / (ᾱ_t var + 1 − ᾱ_t),
-    so the optimal ε_θ(x_t, t) = E[ε | x_t] = (x_t − √ᾱ_t E[x_0 | x_t]) / √(1 − ᾱ_t) is affine in x_t. The
-    reverse chain is then linear-Gaussian, and p_θ(x_0) is a Gaussian found by pushing the mean and
-    variance of x_T ~ N(0, 1) back through every step.
-    """
-
-    def __init__(self, schedule: NoiseSchedule, mean: float = 0.0, var: float = 1.0) -> None:
-        if var <= 0:
-            raise ValueError(f"var must be > 0, got {var}")
-        self.schedule, self.mean, self.var = schedule, float(mean), float(var)
-
-    def sample(self, n: int, dim: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n draws of shape [n, dim] in float64."""
-        return self.mean + self.var**0.5 * torch.randn(n, dim, generator=generator, dtype=torch.float64)
-
-    def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
-        """log q(x_0) per example (the data's own density)."""
-        return _sum_per_example(gaussian_log_prob(x0, torch.tensor(self.mean), torch.tensor(self.var)))
-
-    def optimal_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """E[ε | x_t]: the ε-predictor that minimises L_simple (and every L_{t−1}) for this data."""
-        alpha_bar = self.schedule.gather(self.schedule.alpha_bars, t, x_t)
-        gain = alpha_bar.sqrt() * self.var / (alpha_bar * self.var + 1 - alpha_bar)
-        x0_mean = self.mean + gain * (x_t - alpha_bar.sqrt() * self.mean)
-        return (x_t - alpha_bar.sqrt() * x0_mean) / (1 - alpha_bar).sqrt()
-
-    def model_log_prob(self, x0: torch.Tensor, variance: str = "beta") -> torch.Tensor:
-        """log p_θ(x_0) exactly, for the reverse chain driven by :meth:`optimal_eps` (continuous decoder)."""
-        schedule = self.schedule
-        variances = model_variances(schedule, variance)
-        mean, var = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
-        probe = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
-        for t in range(schedule.T, 0, -1):
-            steps = torch.full((2,), t, dtype=torch.long)
-            # μ_θ(x_t, t) is affine in x_t: read its slope and intercept off two points.
-            step_mean = posterior_mean_from_eps(schedule, probe, steps, self.optimal_eps(probe, steps))[:, 0]
-            slope, intercept = step_mean[1] - step_mean[0], step_mean[0]
-            mean, var = slope * mean + intercept, slope**2 * var + variances[t]
-        return _sum_per_example(gaussian_log_prob(x0, mean, var))

@@ -1,7 +1,8 @@
 """Steering a sampler towards a class (lesson 09): classifier guidance and classifier-free guidance.
 
 Both are *wrappers*: they take models and return a new ε-model ``eps(x_t, t)``, so every sampler of
-lessons 03 and 08 accepts a guided model unchanged.
+lessons 03 and 08 accepts a guided model unchanged. The exact guidance of a labelled Gaussian mixture
+(lesson 09, §4) is in :mod:`minidiff.oracles`.
 
 Bayes' rule on scores (lesson 09, eq. 1): ∇ log p(x_t | y) = ∇ log p(x_t) + ∇ log p(y | x_t). With the
 ε ↔ score relation ε = −√(1 − ᾱ_t) ∇ log p(x_t), a guidance scale s gives
@@ -19,18 +20,11 @@ so their w = s − 1 (their w = 0 is our s = 1). Diffusers' ``guidance_scale`` i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from minidiff.elbo import EpsModel
+from minidiff.contracts import EpsModel, NoisyClassifier
 from minidiff.schedules import NoiseSchedule
-from minidiff.score import mixture_eps_model
-from minidiff.toys import GaussianMixture
-
-#: A classifier of noisy inputs: (x_t, t) ↦ logits (or log-probabilities) of shape [B, num_classes].
-NoisyClassifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def scale_from_ho_salimans_w(w: float) -> float:
@@ -104,52 +98,3 @@ def classifier_guidance(eps_model: EpsModel, classifier: NoisyClassifier, schedu
         return eps - scale * noise_level * gradient
 
     return guided
-
-
-# ---------------------------------------------------------------------------------------
-# Exact guidance for a labelled Gaussian mixture (lesson 09, §4)
-# ---------------------------------------------------------------------------------------
-
-
-def _check_component_labels(mixture: GaussianMixture, component_labels: torch.Tensor) -> torch.Tensor:
-    component_labels = torch.as_tensor(component_labels).long()
-    if component_labels.shape != mixture.weights.shape:
-        raise ValueError(f"component_labels needs one class per component ({tuple(mixture.weights.shape)}), "
-                         f"got shape {tuple(component_labels.shape)}")
-    return component_labels
-
-
-def class_conditional_mixture(mixture: GaussianMixture, component_labels: torch.Tensor, label: int) -> GaussianMixture:
-    """p(x | y): the components whose class is ``label``, with their weights renormalised."""
-    chosen = _check_component_labels(mixture, component_labels) == label
-    if not chosen.any():
-        raise ValueError(f"no component has class {label}")
-    return GaussianMixture(mixture.weights[chosen], mixture.means[chosen], mixture.covariances[chosen])
-
-
-def mixture_noisy_classifier(mixture: GaussianMixture, component_labels: torch.Tensor,
-                             schedule: NoiseSchedule) -> NoisyClassifier:
-    """The exact noisy classifier: (x_t, t) ↦ log p(y | x_t) = log Σ_{k: class k = y} p(k | x_t) under q_t.
-
-    Differentiable in x_t, so :func:`classifier_guidance` can use it in place of a trained classifier.
-    """
-    component_labels = _check_component_labels(mixture, component_labels)
-    num_classes = int(component_labels.max()) + 1
-    membership = torch.nn.functional.one_hot(component_labels, num_classes).double()  # [K, classes]
-
-    def log_posterior(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(x.shape[0], num_classes)
-        for step in torch.unique(t):  # samplers use one t per call; loop over distinct values otherwise
-            rows = t == step
-            responsibilities = mixture.at(schedule, int(step)).responsibilities(x[rows]).double()
-            out[rows] = (responsibilities @ membership.to(x.device)).clamp_min(1e-300).log().to(x.dtype)
-        return out
-
-    return log_posterior
-
-
-def mixture_eps_models(mixture: GaussianMixture, component_labels: torch.Tensor,
-                       schedule: NoiseSchedule) -> tuple[EpsModel, Callable[[int], EpsModel]]:
-    """The exact ε of p(x) and a function ``label ↦`` exact ε of p(x | label), both under ``schedule``."""
-    return (mixture_eps_model(mixture, schedule),
-            lambda label: mixture_eps_model(class_conditional_mixture(mixture, component_labels, label), schedule))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,10 +142,11 @@ class Attention(nn.Module):
         return x + attended.transpose(1, 2).reshape(batch, channels, height, width)
 
 
-class UNet(nn.Module):
-    """ε_θ(x_t, t[, y][, context]) for images: the U-Net of Ho et al. (2020), small enough for a laptop.
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything that builds a :class:`UNet`; the weight card stores exactly these fields.
 
-    Args:
+    Fields:
         in_channels: image channels (1 for MNIST).
         base_channels: channels at full resolution; level i has base_channels · channel_mults[i].
         channel_mults: one entry per resolution level; the image is halved between levels, so the
@@ -155,21 +158,46 @@ class UNet(nn.Module):
         num_classes: if set, a class embedding with ``num_classes + 1`` rows; row ``num_classes`` is the
             reserved "null" class used when no label is given (classifier-free guidance, lesson 09).
         context_dim: if set, cross-attention to a context sequence after every self-attention (lesson 10).
+        image_size: side of the square input.
+        heads: attention heads.
     """
 
-    def __init__(self, in_channels: int = 1, base_channels: int = 32, channel_mults: tuple[int, ...] = (1, 2, 2),
-                 blocks_per_level: int = 2, attention_resolutions: tuple[int, ...] = (7,), dropout: float = 0.1,
-                 scale_shift: bool = True, num_classes: int | None = None, context_dim: int | None = None,
-                 image_size: int = 28, heads: int = 4) -> None:
+    in_channels: int = 1
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 2
+    attention_resolutions: tuple[int, ...] = (7,)
+    dropout: float = 0.1
+    scale_shift: bool = True
+    num_classes: int | None = None
+    context_dim: int | None = None
+    image_size: int = 28
+    heads: int = 4
+
+    def __post_init__(self) -> None:
+        # JSON cards store tuples as lists; keep the config hashable and comparable whatever it was built from.
+        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t[, y][, context]) for images: the U-Net of Ho et al. (2020), small enough for a laptop.
+
+    Built from a :class:`UNetConfig`, with any field overridden by keyword: ``UNet(MNIST_UNET, num_classes=10)``
+    or ``UNet(base_channels=16)``.
+    """
+
+    def __init__(self, config: UNetConfig | None = None, **fields: Any) -> None:
         super().__init__()
+        config = replace(config or UNetConfig(), **fields)
+        self.config = config
+        in_channels, base_channels, channel_mults = config.in_channels, config.base_channels, config.channel_mults
+        blocks_per_level, attention_resolutions = config.blocks_per_level, config.attention_resolutions
+        dropout, scale_shift, num_classes = config.dropout, config.scale_shift, config.num_classes
+        context_dim, image_size, heads = config.context_dim, config.image_size, config.heads
         if image_size % 2 ** (len(channel_mults) - 1):
             raise ValueError(f"image_size {image_size} is not divisible by 2^{len(channel_mults) - 1} "
                              f"(one halving between each of the {len(channel_mults)} levels)")
-        self.config = {"in_channels": in_channels, "base_channels": base_channels,
-                       "channel_mults": list(channel_mults), "blocks_per_level": blocks_per_level,
-                       "attention_resolutions": list(attention_resolutions), "dropout": dropout,
-                       "scale_shift": scale_shift, "num_classes": num_classes, "context_dim": context_dim,
-                       "image_size": image_size, "heads": heads}
         self.in_channels, self.image_size = in_channels, image_size
         self.num_classes, self.null_class = num_classes, num_classes
         self.context_dim = context_dim
@@ -217,7 +245,7 @@ class UNet(nn.Module):
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The vector every residual block sees: MLP(sinusoidal(t)) plus, for a class-conditional net, E[y]."""
-        embedding = self.time_mlp(sinusoidal_embedding(t, self.config["base_channels"]))
+        embedding = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
         if self.class_embedding is not None:
             if y is None:
                 y = torch.full_like(t, self.null_class, dtype=torch.long)
@@ -268,6 +296,17 @@ class UNet(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DigitClassifierConfig:
+    """Everything that builds a :class:`DigitClassifier`; the weight card stores exactly these fields."""
+
+    num_classes: int = 10
+    width: int = 32
+    feature_dim: int = 128
+    time_conditional: bool = False
+    dropout: float = 0.2
+
+
 class DigitClassifier(nn.Module):
     """A small CNN for 28×28 digits: three conv stages, global average pooling, a linear read-out.
 
@@ -277,11 +316,12 @@ class DigitClassifier(nn.Module):
     (lesson 09's noise-aware classifier).
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 32, feature_dim: int = 128,
-                 time_conditional: bool = False, dropout: float = 0.2) -> None:
+    def __init__(self, config: DigitClassifierConfig | None = None, **fields: Any) -> None:
         super().__init__()
-        self.config = {"num_classes": num_classes, "width": width, "feature_dim": feature_dim,
-                       "time_conditional": time_conditional, "dropout": dropout}
+        config = replace(config or DigitClassifierConfig(), **fields)
+        self.config = config
+        num_classes, width, feature_dim = config.num_classes, config.width, config.feature_dim
+        time_conditional, dropout = config.time_conditional, config.dropout
         self.time_conditional, self.width = time_conditional, width
         widths = [(1, width), (width, 2 * width), (2 * width, feature_dim)]
         self.stages = nn.ModuleList(

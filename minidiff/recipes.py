@@ -22,19 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from minidiff.data import load_mnist, random_shift
 from minidiff.metrics import judge_accuracy, judge_samples
-from minidiff.nets import DigitClassifier, UNet
-from minidiff.runtime import budget, device, is_fast, seed_everything
+from minidiff.nets import DigitClassifier, UNet, UNetConfig
+from minidiff.runtime import budget, device, is_fast, seed_everything, standard_normal
 from minidiff.samplers import ddpm_sample
 from minidiff.schedules import NoiseSchedule
 from minidiff.train import TrainResult, classifier_loss, conditional_ddpm_loss, ddpm_loss, fit
 from minidiff.weights import pretrained, save_weights
 
 #: The U-Net every MNIST diffusion model in the course uses (about 1.7M parameters).
-MNIST_UNET: dict[str, Any] = {"base_channels": 32, "channel_mults": (1, 2, 2), "blocks_per_level": 2,
-                              "attention_resolutions": (7,), "dropout": 0.1}
+MNIST_UNET = UNetConfig(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=2, attention_resolutions=(7,),
+                        dropout=0.1)
 #: The forward process of the MNIST models: DDPM's linear schedule with T = 1000.
 MNIST_SCHEDULE: dict[str, Any] = {"kind": "linear", "T": 1000}
 
@@ -68,24 +69,32 @@ def _labelled_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: in
     return next_batch
 
 
+def _train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], next_batch: Callable[[], Any], steps: int,
+           lr: float, warmup_steps: int, **options: Any) -> TrainResult:
+    """What every recipe shares: AdamW with a warm-up and cosine decay, an EMA, and the GPU speed knobs."""
+    return fit(model, loss_fn, next_batch, steps, lr=lr, warmup_steps=min(warmup_steps, steps // 5),
+               cosine_decay=True, bf16=True, channels_last=True, **options)
+
+
+def _mnist_on_device(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(tensor.to(device()) for tensor in load_mnist(split))
+
+
 def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
                 time_limit: float | None = None) -> dict[str, Any]:
     """The judge: a DigitClassifier trained with ±2-pixel shifts; reports held-out accuracy."""
-    generator, target = seed_everything(seed), device()
-    images, labels = (tensor.to(target) for tensor in load_mnist("train"))
+    generator = seed_everything(seed)
+    images, labels = _mnist_on_device()
     steps = steps or budget(full=4000, fast=20)
     batch_size = budget(full=128, fast=16)
-    model = DigitClassifier()
-    result = fit(model, lambda net, batch: classifier_loss(net, *batch),
-                 _labelled_batches(images, labels, batch_size, generator, shift=2), steps, lr=2e-3,
-                 weight_decay=0.05, ema_decay=0.999, warmup_steps=min(200, steps // 5), cosine_decay=True,
-                 progress=progress, bf16=True, channels_last=True, time_limit=time_limit)
-    judge = result.ema.model.float().to(memory_format=torch.contiguous_format)
-    heldout, heldout_labels = load_mnist("heldout")
-    metrics = {"heldout_accuracy": round(judge_accuracy(judge, heldout, heldout_labels), 4),
+    result = _train(DigitClassifier(), lambda net, batch: classifier_loss(net, *batch),
+                    _labelled_batches(images, labels, batch_size, generator, shift=2), steps, 2e-3, 200,
+                    weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
+    judge = result.ema_model()
+    metrics = {"heldout_accuracy": round(judge_accuracy(judge, *load_mnist("heldout")), 4),
                "train_accuracy": round(judge_accuracy(judge, *load_mnist("train")), 4)}
-    card = _card("judge", result, batch_size, seed, metrics, time_limit=time_limit)
-    return save_weights(judge, out / "judge.safetensors", card)
+    return save_weights(judge, out / "judge.safetensors", _card("judge", result, batch_size, seed, metrics,
+                                                                 time_limit=time_limit))
 
 
 def _diffusion_card_metrics(samples: torch.Tensor, judge_directory: Path | None) -> dict[str, Any]:
@@ -103,21 +112,18 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
                      judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
     """The unconditional DDPM: MNIST_UNET trained with L_simple; judged on 1,000 DDPM samples."""
     generator, target = seed_everything(seed), device()
-    images = load_mnist("train")[0].to(target)
-    schedule = getattr(NoiseSchedule, MNIST_SCHEDULE["kind"])(MNIST_SCHEDULE["T"])
+    images, _ = _mnist_on_device()
+    schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=512, fast=8)
-    model = UNet(**MNIST_UNET)
-    result = fit(model, lambda net, x0: ddpm_loss(net, schedule, x0, generator),
-                 lambda: images[torch.randint(0, len(images), (batch_size,), generator=generator).to(target)],
-                 steps, lr=5e-4, ema_decay=0.9995, warmup_steps=min(500, steps // 5), cosine_decay=True,
-                 progress=progress, bf16=True, channels_last=True, time_limit=time_limit)
-    ema = result.ema.model.float().to(memory_format=torch.contiguous_format)
-    samples = ddpm_sample(ema, schedule, (budget(full=1000, fast=4), 1, 28, 28), generator=generator,
-                          device=target, progress=progress)
-    metrics = _diffusion_card_metrics(samples, judge_directory)
-    card = _card("mnist_ddpm", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
-                 time_limit)
+    result = _train(UNet(MNIST_UNET), lambda net, x0: ddpm_loss(net, schedule, x0, generator),
+                    lambda: images[torch.randint(0, len(images), (batch_size,), generator=generator).to(target)],
+                    steps, 5e-4, 500, ema_decay=0.9995, progress=progress, time_limit=time_limit)
+    ema = result.ema_model()
+    x_T = standard_normal((budget(full=1000, fast=4), 1, 28, 28), generator, target)
+    samples = ddpm_sample(ema, schedule, x_T, generator=generator, progress=progress)
+    card = _card("mnist_ddpm", result, batch_size, seed, _diffusion_card_metrics(samples, judge_directory),
+                 {"schedule": MNIST_SCHEDULE, "weights": "EMA"}, time_limit)
     return save_weights(ema, out / "mnist_ddpm.safetensors", card)
 
 
@@ -125,20 +131,19 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
                      judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
     """The class-conditional DDPM with label dropout 0.1 (one net for ε(x, t, y) and ε(x, t, ∅))."""
     generator, target = seed_everything(seed), device()
-    images, labels = (tensor.to(target) for tensor in load_mnist("train"))
-    schedule = getattr(NoiseSchedule, MNIST_SCHEDULE["kind"])(MNIST_SCHEDULE["T"])
+    images, labels = _mnist_on_device()
+    schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=256, fast=8)
-    model = UNet(**MNIST_UNET, num_classes=10)
-    result = fit(model, lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
-                 _labelled_batches(images, labels, batch_size, generator), steps, lr=5e-4, ema_decay=0.9995,
-                 warmup_steps=min(500, steps // 5), cosine_decay=True, progress=progress, bf16=True,
-                 channels_last=True, time_limit=time_limit)
-    ema = result.ema.model.float().to(memory_format=torch.contiguous_format)
+    result = _train(UNet(MNIST_UNET, num_classes=10),
+                    lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
+                    _labelled_batches(images, labels, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
+                    progress=progress, time_limit=time_limit)
+    ema = result.ema_model()
     count = budget(full=1000, fast=4)
     requested = torch.arange(count, device=target) % 10
-    samples = ddpm_sample(lambda x, t: ema(x, t, requested), schedule, (count, 1, 28, 28), generator=generator,
-                          device=target, progress=progress)
+    x_T = standard_normal((count, 1, 28, 28), generator, target)
+    samples = ddpm_sample(lambda x, t: ema(x, t, requested), schedule, x_T, generator=generator, progress=progress)
     judge = pretrained("judge", directory=judge_directory)
     metrics = {"conditional_accuracy_no_guidance": round(judge_accuracy(judge, samples, requested), 4),
                "samples": count, "label_dropout": 0.1}
@@ -152,23 +157,22 @@ def train_noisy_classifier(out: Path, seed: int = 0, progress: bool = True, step
                            time_limit: float | None = None) -> dict[str, Any]:
     """p(y | x_t, t): a time-conditional DigitClassifier on x_t ~ q(x_t | x_0); accuracy reported per t."""
     generator, target = seed_everything(seed), device()
-    images, labels = (tensor.to(target) for tensor in load_mnist("train"))
-    schedule = getattr(NoiseSchedule, MNIST_SCHEDULE["kind"])(MNIST_SCHEDULE["T"])
+    images, labels = _mnist_on_device()
+    schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
     steps = steps or budget(full=3000, fast=20)
     batch_size = budget(full=256, fast=16)
-    model = DigitClassifier(time_conditional=True)
-    result = fit(model, lambda net, batch: classifier_loss(net, *batch, schedule, generator),
-                 _labelled_batches(images, labels, batch_size, generator, shift=1), steps, lr=2e-3,
-                 weight_decay=0.05, ema_decay=0.999, warmup_steps=min(200, steps // 5), cosine_decay=True,
-                 progress=progress, bf16=True, channels_last=True, time_limit=time_limit)
-    classifier = result.ema.model.float().to(memory_format=torch.contiguous_format)
-    heldout, heldout_labels = (tensor.to(target) for tensor in load_mnist("heldout"))
+    result = _train(DigitClassifier(time_conditional=True),
+                    lambda net, batch: classifier_loss(net, *batch, schedule, generator),
+                    _labelled_batches(images, labels, batch_size, generator, shift=1), steps, 2e-3, 200,
+                    weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
+    classifier = result.ema_model()
+    heldout, heldout_labels = _mnist_on_device("heldout")
     accuracy = {}
     with torch.no_grad():
         for t in (1, 250, 500, 750, 1000):
-            steps_t = torch.full((len(heldout),), t, device=target)
-            noisy = schedule.q_sample(heldout, steps_t, torch.randn(heldout.shape, generator=generator).to(target))
-            predicted = classifier(noisy, steps_t).argmax(dim=1)
+            timesteps = torch.full((len(heldout),), t, device=target)
+            noisy = schedule.q_sample(heldout, timesteps, standard_normal(heldout.shape, generator, target))
+            predicted = classifier(noisy, timesteps).argmax(dim=1)
             accuracy[f"heldout_accuracy_t{t}"] = round((predicted == heldout_labels).float().mean().item(), 4)
     card = _card("noisy_classifier", result, batch_size, seed, accuracy, {"schedule": MNIST_SCHEDULE}, time_limit)
     return save_weights(classifier, out / "noisy_classifier.safetensors", card)

@@ -96,3 +96,13 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """
     where = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
+
+
+def standard_normal(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` on ``device`` (the CPU by default), drawn from ``generator``: e.g. a sampler's x_T.
+
+    Like :func:`randn_like`, the draw happens on the generator's device, so a CPU generator gives the same
+    numbers whatever the target device.
+    """
+    return randn_like(torch.empty(shape, dtype=dtype, device=device or "cpu"), generator)

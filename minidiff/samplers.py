@@ -1,58 +1,84 @@
 """Samplers that turn noise into data (lesson 03: DDPM's ancestral sampler; lesson 08: the fast ones).
 
-Every sampler takes an ε-model ``eps_model(x_t, t)`` (t: 1-D int64 tensor of the paper's timesteps), a
-:class:`~minidiff.schedules.NoiseSchedule`, and either a ``shape`` to draw x_T ~ N(0, I) with
-``generator`` or a given ``x_T``. The fast samplers also take ``steps`` and a ``spacing`` that picks which
-of the T timesteps they visit (:func:`timestep_sequence`); each can clip or dynamically threshold its
-x̂_0 predictions, return its trajectory and show a progress bar. Guidance (lesson 09) wraps the ε-model,
-so every sampler accepts a guided model unchanged.
+Every sampler takes an :data:`~minidiff.contracts.EpsModel` ``eps_model(x_t, timesteps)``, a
+:class:`~minidiff.schedules.NoiseSchedule` and the starting noise ``x_T`` (draw it with
+:func:`minidiff.runtime.standard_normal`). The fast samplers also take ``steps`` and a ``spacing`` that picks
+which of the T timesteps they visit (:func:`timestep_sequence`), and walk the pairs (t, t_next) down to 0.
+
+The step each lesson derives is a function of its own (:func:`ddpm_step`, :func:`ddim_step`), which the
+samplers call. Everything else is a wrapper of the ε-model or a callback, so no sampler grows a flag:
+
+* guidance (lesson 09) and thresholding (:func:`thresholded`) wrap the ε-model;
+* ``callback(state)`` sees every step as a dict with ``i`` (the step's index), ``t``, ``t_next``, ``x`` (the
+  state after the step) and ``x0`` (the prediction x̂_0 made at t) — e.g. to record a trajectory.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from minidiff.elbo import EpsModel, model_mean_variance
+from minidiff.contracts import EpsModel
+from minidiff.elbo import model_mean_variance
 from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
+#: ``callback(state)``: called after every step with {"i", "t", "t_next", "x", "x0"}.
+Callback = Callable[[dict[str, Any]], None]
 
 
-def initial_noise(shape: tuple[int, ...] | None, x_T: torch.Tensor | None, generator: torch.Generator | None,
-                  device: torch.device | str | None = None) -> torch.Tensor:
-    """x_T: the given tensor, or N(0, I) noise of ``shape`` on ``device`` (exactly one of shape, x_T)."""
-    if (shape is None) == (x_T is None):
-        raise ValueError("give exactly one of shape (to draw x_T ~ N(0, I)) or x_T")
-    if x_T is not None:
-        return x_T
-    return randn_like(torch.empty(shape, device=device or "cpu"), generator)
+def _timesteps(x: torch.Tensor, t: int) -> torch.Tensor:
+    """The [B] tensor of one shared timestep t that an ε-model is called with."""
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def _start(x_T: torch.Tensor) -> torch.Tensor:
+    """Check the starting noise: a tensor, never a shape (a tuple here used to mean "draw it for me")."""
+    if not isinstance(x_T, torch.Tensor):
+        raise ValueError(f"x_T must be a tensor of starting noise, got {type(x_T).__name__}; draw one with "
+                         "minidiff.runtime.standard_normal(shape, generator, device)")
+    return x_T
+
+
+def _report(callback: Callback | None, i: int, t: int, t_next: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "t": t, "t_next": t_next, "x": x, "x0": x0})
+
+
+# ---------------------------------------------------------------------------------------
+# DDPM (lesson 03)
+# ---------------------------------------------------------------------------------------
+
+
+def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, schedule: NoiseSchedule, z: torch.Tensor,
+              variance: str = "beta") -> torch.Tensor:
+    """One step of Algorithm 2 (Ho et al. 2020): x_{t−1} = (x_t − β_t/√(1 − ᾱ_t) ε) / √α_t + σ_t z.
+
+    σ_t² is β_t (``variance="beta"``) or β̃_t (``"beta_tilde"``); no noise is added at t = 1 (lesson 03,
+    Exercise 3.2).
+    """
+    mean, var = model_mean_variance(schedule, x_t, _timesteps(x_t, t), eps, variance)
+    return mean + var.sqrt() * z if t > 1 else mean
 
 
 @torch.no_grad()
-def ddpm_sample(eps_model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...] | None = None,
-                x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                variance: str = "beta", device: torch.device | str | None = None,
-                return_trajectory: bool = False, progress: bool = False,
-                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """Algorithm 2 of Ho et al. (2020): x_{t−1} = (x_t − β_t/√(1 − ᾱ_t) ε_θ(x_t, t)) / √α_t + σ_t z, t = T..1.
-
-    σ_t² is β_t (``variance="beta"``) or β̃_t (``"beta_tilde"``); no noise is added at the last step.
-    With ``return_trajectory`` also returns [x_T, x_{T−1}, …, x_0] (on the CPU).
-    """
-    x = initial_noise(shape, x_T, generator, device)
-    trajectory = [x.cpu()] if return_trajectory else []
-    batch = x.shape[0]
-    for t in tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM sampling", leave=False):
-        steps = torch.full((batch,), t, dtype=torch.long, device=x.device)
-        mean, var = model_mean_variance(schedule, x, steps, eps_model(x, steps).to(x.dtype), variance)
-        x = mean + var.sqrt() * randn_like(x, generator) if t > 1 else mean
-        if return_trajectory:
-            trajectory.append(x.cpu())
-    return (x, trajectory) if return_trajectory else x
+def ddpm_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor,
+                generator: torch.Generator | None = None, variance: str = "beta",
+                callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """Algorithm 2 of Ho et al. (2020): :func:`ddpm_step` for t = T, …, 1, starting from ``x_T``."""
+    x = _start(x_T)
+    for i, t in enumerate(tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM sampling", leave=False)):
+        eps = eps_model(x, _timesteps(x, t)).to(x.dtype)
+        x0 = schedule.x0_from_eps(x, t, eps) if callback is not None else x
+        x = ddpm_step(x, eps, t, schedule, randn_like(x, generator) if t > 1 else torch.zeros_like(x), variance)
+        _report(callback, i, t, t - 1, x, x0)
+    return x
 
 
 # ---------------------------------------------------------------------------------------
@@ -83,6 +109,12 @@ def timestep_sequence(T: int, steps: int, spacing: str = "trailing") -> list[int
     return sorted(set(sequence), reverse=True)
 
 
+def _pairs(schedule: NoiseSchedule, steps: int, spacing: str, label: str, progress: bool) -> Any:
+    """(i, (t, t_next)) for the visited timesteps and then 0, behind an optional progress bar."""
+    sequence = timestep_sequence(schedule.T, steps, spacing)
+    return enumerate(tqdm(list(itertools.pairwise([*sequence, 0])), disable=not progress, desc=label, leave=False))
+
+
 def threshold_x0(x0: torch.Tensor, clip: float | None = None, dynamic_percentile: float | None = None) -> torch.Tensor:
     """Keep a predicted x̂_0 in the data range: clip to [−clip, clip], or dynamic thresholding (Saharia et al.
 
@@ -101,100 +133,94 @@ def threshold_x0(x0: torch.Tensor, clip: float | None = None, dynamic_percentile
     return x0
 
 
-def _predict(eps_model: EpsModel, schedule: NoiseSchedule, x: torch.Tensor, t: int, clip: float | None,
-             dynamic_percentile: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂_0, ε̂) at timestep t; when x̂_0 is clipped, ε̂ is recomputed from it so that the two stay consistent."""
-    steps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    eps = eps_model(x, steps).to(x.dtype)
-    x0 = schedule.x0_from_eps(x, t, eps)
-    if clip is not None or dynamic_percentile is not None:
-        x0 = threshold_x0(x0, clip, dynamic_percentile)
-        eps = schedule.eps_from_x0(x, t, x0)
-    return x0, eps
+def thresholded(eps_model: EpsModel, schedule: NoiseSchedule, clip: float | None = None,
+                dynamic_percentile: float | None = None) -> EpsModel:
+    """An ε-model whose implied x̂_0 is kept in range by :func:`threshold_x0`.
+
+    ε̂ is recomputed from the thresholded x̂_0, ε̂ = (x_t − √ᾱ_t x̂_0)/√(1 − ᾱ_t), so that every sampler, which
+    reads x̂_0 and ε̂ off the same model, sees the two consistent.
+    """
+    if clip is None and dynamic_percentile is None:
+        raise ValueError("give clip, dynamic_percentile or both: otherwise there is nothing to threshold")
+
+    def eps_in_range(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        x0 = schedule.x0_from_eps(x, timesteps, eps_model(x, timesteps).to(x.dtype))
+        return schedule.eps_from_x0(x, timesteps, threshold_x0(x0, clip, dynamic_percentile))
+    return eps_in_range
 
 
-def _alpha_bar(schedule: NoiseSchedule, t: int) -> float:
-    return float(schedule.alpha_bars[t])
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float, alpha_bar_next: float, eta: float,
+              z: torch.Tensor) -> torch.Tensor:
+    """One DDIM step (Song, Meng & Ermon 2021, eq. 12) from level ᾱ_t to ᾱ_next (lesson 08, Exercise 8.1):
+
+    x_next = √ᾱ_next x̂_0 + √(1 − ᾱ_next − σ²) ε + σ z,  x̂_0 = (x_t − √(1 − ᾱ_t) ε)/√ᾱ_t,
+    σ = η √((1 − ᾱ_next)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_next).
+
+    η = 0 is deterministic (an ODE solver); η = 1 with ᾱ_next = ᾱ_{t−1} is DDPM with σ_t² = β̃_t.
+    """
+    x0 = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+    sigma = eta * ((1 - alpha_bar_next) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_next)) ** 0.5
+    # max(…, 0): the root's argument is ≥ 0 in exact arithmetic, but can round to −1e-17 when ᾱ_next = 1.
+    return alpha_bar_next**0.5 * x0 + max(1 - alpha_bar_next - sigma**2, 0.0) ** 0.5 * eps + sigma * z
 
 
 @torch.no_grad()
-def ddim_sample(eps_model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...] | None = None,
-                x_T: torch.Tensor | None = None, steps: int = 50, eta: float = 0.0, spacing: str = "trailing",
-                generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                clip_x0: float | None = None, dynamic_threshold: float | None = None,
-                return_trajectory: bool = False, progress: bool = False,
-                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """DDIM (Song, Meng & Ermon 2021, eq. 12), from τ_i = t to τ_{i−1} = s (ᾱ_s = 1 at the last step):
-
-    x_s = √ᾱ_s x̂_0 + √(1 − ᾱ_s − σ²) ε̂ + σ z,   σ = η √((1 − ᾱ_s)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_s).
-
-    η = 0 is deterministic (an ODE solver); η = 1 over all T steps is DDPM with σ_t² = β̃_t.
-    """
+def ddim_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 50,
+                eta: float = 0.0, spacing: str = "trailing", generator: torch.Generator | None = None,
+                callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+    """DDIM: :func:`ddim_step` over the pairs of :func:`timestep_sequence`, with ᾱ_0 = 1 at the last step."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
-    sequence = timestep_sequence(schedule.T, steps, spacing)
-    x = initial_noise(shape, x_T, generator, device)
-    trajectory = [x.cpu()] if return_trajectory else []
-    for index, t in enumerate(tqdm(sequence, disable=not progress, desc=f"DDIM η={eta}", leave=False)):
-        s = sequence[index + 1] if index + 1 < len(sequence) else 0
-        alpha_bar_t, alpha_bar_s = _alpha_bar(schedule, t), _alpha_bar(schedule, s)
-        x0, eps = _predict(eps_model, schedule, x, t, clip_x0, dynamic_threshold)
-        sigma = eta * ((1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s)) ** 0.5
-        x = alpha_bar_s ** 0.5 * x0 + max(1 - alpha_bar_s - sigma ** 2, 0.0) ** 0.5 * eps
-        if sigma > 0:
-            x = x + sigma * randn_like(x, generator)
-        if return_trajectory:
-            trajectory.append(x.cpu())
-    return (x, trajectory) if return_trajectory else x
+    x = _start(x_T)
+    for i, (t, t_next) in _pairs(schedule, steps, spacing, f"DDIM η={eta}", progress):
+        eps = eps_model(x, _timesteps(x, t)).to(x.dtype)
+        x0 = schedule.x0_from_eps(x, t, eps)
+        z = randn_like(x, generator) if eta > 0 and t_next > 0 else torch.zeros_like(x)
+        x = ddim_step(x, eps, float(schedule.alpha_bars[t]), float(schedule.alpha_bars[t_next]), eta, z)
+        _report(callback, i, t, t_next, x, x0)
+    return x
 
 
 @torch.no_grad()
-def pf_ode_sample(eps_model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...] | None = None,
-                  x_T: torch.Tensor | None = None, steps: int = 50, method: str = "heun", spacing: str = "trailing",
-                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                  clip_x0: float | None = None, dynamic_threshold: float | None = None,
-                  return_trajectory: bool = False, progress: bool = False,
-                  ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """The probability-flow ODE in DDIM's variables (lesson 08): with x̄ = x/√ᾱ and σ̄ = √(1 − ᾱ)/√ᾱ,
+def pf_ode_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 50,
+                  method: str = "heun", spacing: str = "trailing", callback: Callback | None = None,
+                  progress: bool = False) -> torch.Tensor:
+    """The probability-flow ODE in DDIM's variables (lesson 08), dx̄/dσ̄ = ε_θ(x, t), by Euler or Heun.
 
-    dx̄/dσ̄ = ε_θ(x, t),
-
-    solved by Euler (one ε per step) or Heun (Euler, then the trapezoid of the two slopes; two ε per step,
-    Karras et al. 2022, Algorithm 1). The last step, to σ̄ = 0 where no ε is defined, is always Euler.
+    Notation (variable → symbol): ``x_bar`` → x̄ = x/√ᾱ, ``sigma_bar`` → σ̄ = √(1 − ᾱ)/√ᾱ, ``slope`` →
+    ε_θ(x_t, t), ``slope_next`` → ε_θ at the Euler guess (Heun's corrector; Karras et al. 2022, Algorithm 1).
+    The last step, to σ̄ = 0 where no ε is defined, is always Euler. The result is x̄ at σ̄ = 0, which is
+    x_0 itself because ᾱ_0 = 1.
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
-    sequence = timestep_sequence(schedule.T, steps, spacing)
-    x = initial_noise(shape, x_T, generator, device)
-    trajectory = [x.cpu()] if return_trajectory else []
+
+    def sqrt_alpha_bar(t: int) -> float:
+        return float(schedule.alpha_bars[t]) ** 0.5
 
     def sigma_bar(t: int) -> float:
-        return ((1 - _alpha_bar(schedule, t)) / _alpha_bar(schedule, t)) ** 0.5
+        return float(1 - schedule.alpha_bars[t]) ** 0.5 / sqrt_alpha_bar(t)
 
-    x_bar = x / _alpha_bar(schedule, sequence[0]) ** 0.5
-    for index, t in enumerate(tqdm(sequence, disable=not progress, desc=f"PF-ODE {method}", leave=False)):
-        s = sequence[index + 1] if index + 1 < len(sequence) else 0
-        x_t = x_bar * _alpha_bar(schedule, t) ** 0.5
-        slope = _predict(eps_model, schedule, x_t, t, clip_x0, dynamic_threshold)[1]
-        step = sigma_bar(s) - sigma_bar(t)
-        x_bar_next = x_bar + step * slope
-        if method == "heun" and s > 0:
-            x_s = x_bar_next * _alpha_bar(schedule, s) ** 0.5
-            slope_next = _predict(eps_model, schedule, x_s, s, clip_x0, dynamic_threshold)[1]
-            x_bar_next = x_bar + step * 0.5 * (slope + slope_next)
+    x_bar, x_T = None, _start(x_T)
+    for i, (t, t_next) in _pairs(schedule, steps, spacing, f"PF-ODE {method}", progress):
+        x_bar = x_T / sqrt_alpha_bar(t) if x_bar is None else x_bar
+        x_t = x_bar * sqrt_alpha_bar(t)
+        slope = eps_model(x_t, _timesteps(x_t, t)).to(x_t.dtype)
+        d_sigma_bar = sigma_bar(t_next) - sigma_bar(t)
+        x_bar_next = x_bar + d_sigma_bar * slope
+        if method == "heun" and t_next > 0:
+            x_guess = x_bar_next * sqrt_alpha_bar(t_next)
+            slope_next = eps_model(x_guess, _timesteps(x_guess, t_next)).to(x_t.dtype)
+            x_bar_next = x_bar + d_sigma_bar * 0.5 * (slope + slope_next)
         x_bar = x_bar_next
-        if return_trajectory:
-            trajectory.append((x_bar * _alpha_bar(schedule, s) ** 0.5).cpu())
-    return (x_bar, trajectory) if return_trajectory else x_bar
+        _report(callback, i, t, t_next, x_bar * sqrt_alpha_bar(t_next), schedule.x0_from_eps(x_t, t, slope))
+    return x_bar
 
 
 @torch.no_grad()
-def dpm_solver_pp_sample(eps_model: EpsModel, schedule: NoiseSchedule, shape: tuple[int, ...] | None = None,
-                         x_T: torch.Tensor | None = None, steps: int = 20, spacing: str = "trailing",
-                         generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                         clip_x0: float | None = None, dynamic_threshold: float | None = None,
-                         return_trajectory: bool = False, progress: bool = False,
-                         ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+def dpm_solver_pp_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 20,
+                         spacing: str = "trailing", callback: Callback | None = None,
+                         progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver in λ = log(α/σ).
 
     With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), h_i = λ_{t_i} − λ_{t_{i−1}} and r_i = h_{i−1}/h_i:
@@ -202,37 +228,32 @@ def dpm_solver_pp_sample(eps_model: EpsModel, schedule: NoiseSchedule, shape: tu
     x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) x_{t_{i−1}} − α_{t_i}(e^{−h_i} − 1) D_i,
     D_i = (1 + 1/(2r_i)) x̂_0(t_{i−1}) − 1/(2r_i) x̂_0(t_{i−2})   (D_i = x̂_0(t_{i−1}) at the first step).
 
-    One ε per step, re-using the previous step's x̂_0; the last step (to σ = 0) is first order and
-    returns x̂_0 itself.
+    Notation (variable → symbol): ``t`` → t_{i−1}, ``t_next`` → t_i, ``h`` → h_i, ``previous_h`` → h_{i−1},
+    ``r`` → r_i, ``x0_multistep`` → D_i, ``previous_x0`` → x̂_0(t_{i−2}). One ε per step; the last step
+    (to σ = 0) is first order and returns x̂_0 itself.
     """
-    sequence = timestep_sequence(schedule.T, steps, spacing)
-    x = initial_noise(shape, x_T, generator, device)
-    trajectory = [x.cpu()] if return_trajectory else []
-
     def alpha_sigma_lambda(t: int) -> tuple[float, float, float]:
-        alpha, sigma = _alpha_bar(schedule, t) ** 0.5, (1 - _alpha_bar(schedule, t)) ** 0.5
+        alpha, sigma = float(schedule.alpha_bars[t]) ** 0.5, float(1 - schedule.alpha_bars[t]) ** 0.5
         return alpha, sigma, (math.log(alpha / sigma) if sigma > 0 else math.inf)
 
-    previous_x0, previous_h = None, None
-    for index, t in enumerate(tqdm(sequence, disable=not progress, desc="DPM-Solver++(2M)", leave=False)):
-        s = sequence[index + 1] if index + 1 < len(sequence) else 0
-        x0 = _predict(eps_model, schedule, x, t, clip_x0, dynamic_threshold)[0]
+    x, previous_x0, previous_h = _start(x_T), None, None
+    for i, (t, t_next) in _pairs(schedule, steps, spacing, "DPM-Solver++(2M)", progress):
+        x0 = schedule.x0_from_eps(x, t, eps_model(x, _timesteps(x, t)).to(x.dtype))
         _, sigma_t, lambda_t = alpha_sigma_lambda(t)
-        alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(s)
-        if s == 0:
-            x = x0  # σ_s = 0: the first-order update is exactly x̂_0
+        alpha_next, sigma_next, lambda_next = alpha_sigma_lambda(t_next)
+        if t_next == 0:
+            x = x0  # σ_next = 0: the first-order update is exactly x̂_0
         else:
-            h = lambda_s - lambda_t
-            data = x0
+            h = lambda_next - lambda_t
+            x0_multistep = x0
             if previous_x0 is not None:
-                ratio = previous_h / h
-                data = (1 + 1 / (2 * ratio)) * x0 - (1 / (2 * ratio)) * previous_x0
-            x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * data
+                r = previous_h / h
+                x0_multistep = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * previous_x0
+            x = (sigma_next / sigma_t) * x - alpha_next * math.expm1(-h) * x0_multistep
             previous_h = h
         previous_x0 = x0
-        if return_trajectory:
-            trajectory.append(x.cpu())
-    return (x, trajectory) if return_trajectory else x
+        _report(callback, i, t, t_next, x, x0)
+    return x
 
 
 @torch.no_grad()
@@ -245,14 +266,14 @@ def ddim_invert(eps_model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, 
     the error shrinks as steps grow. At the very first step ε is taken at τ_1 on x_0 itself.
     """
     sequence = timestep_sequence(schedule.T, steps, spacing)[::-1]  # increasing
-    x, s = x0, 0
-    for t in tqdm(sequence, disable=not progress, desc="DDIM inversion", leave=False):
-        where = s if s > 0 else sequence[0]
-        where_steps = torch.full((x.shape[0],), where, dtype=torch.long, device=x.device)
-        eps = eps_model(x, where_steps).to(x.dtype)
-        x0_pred = schedule.x0_from_eps(x, s, eps) if s > 0 else x
-        x = _alpha_bar(schedule, t) ** 0.5 * x0_pred + (1 - _alpha_bar(schedule, t)) ** 0.5 * eps
-        s = t
+    x = x0
+    for t_low, t in tqdm(list(itertools.pairwise([0, *sequence])), disable=not progress, desc="DDIM inversion",
+                         leave=False):
+        t_eps = t_low if t_low > 0 else sequence[0]  # the timestep whose ε we use: where we are
+        eps = eps_model(x, _timesteps(x, t_eps)).to(x.dtype)
+        x0_pred = schedule.x0_from_eps(x, t_low, eps) if t_low > 0 else x
+        alpha_bar = float(schedule.alpha_bars[t])
+        x = alpha_bar**0.5 * x0_pred + (1 - alpha_bar) ** 0.5 * eps
     return x
 
 

@@ -157,6 +157,14 @@ class NoiseSchedule:
         """A schedule from :func:`sigmoid_betas`."""
         return cls(sigmoid_betas(T, start, end, tau))
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> NoiseSchedule:
+        """The schedule a weight card records, e.g. ``{"kind": "linear", "T": 1000}`` (kind: linear/cosine/sigmoid)."""
+        kinds = {"linear": cls.linear, "cosine": cls.cosine, "sigmoid": cls.sigmoid}
+        if not isinstance(spec, dict) or spec.get("kind") not in kinds or "T" not in spec:
+            raise ValueError(f"a schedule spec is {{'kind': one of {sorted(kinds)}, 'T': int}}, got {spec!r}")
+        return kinds[spec["kind"]](spec["T"])
+
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.T}, beta_1={self.betas[1].item():.3g}, beta_T={self.betas[-1].item():.3g}, "
                 f"alpha_bar_T={self.alpha_bars[-1].item():.3g})")

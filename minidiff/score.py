@@ -2,24 +2,22 @@
 
 The score of a density p is s(x) = ∇_x log p(x). It needs no normalising constant, and it is what a
 diffusion model learns: ε_θ(x_t, t) = −√(1 − ᾱ_t) ∇ log q_t(x_t) (lesson 04, eq. 9; see
-``NoiseSchedule.score_from_eps`` / ``eps_from_score``). A score model here is a callable
-``score_model(x, sigma)`` or ``score_model(x)``; all losses return a scalar to minimise.
+``NoiseSchedule.score_from_eps`` / ``eps_from_score``). A score model here is a
+:data:`~minidiff.contracts.LevelScore` ``score(x)`` of one density, or a :data:`~minidiff.contracts.SigmaScore`
+``score(x, σ)`` of the data at noise level σ; all losses return a scalar to minimise. The exact scores of
+mixtures live in :mod:`minidiff.oracles`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from minidiff.contracts import EpsModel, LevelScore, SigmaScore
 from minidiff.runtime import randn_like
-from minidiff.schedules import NoiseSchedule
-from minidiff.toys import GaussianMixture
-
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]
-TimeModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> score or ε
 
 
 def gaussian_score(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
@@ -31,49 +29,18 @@ def gaussian_score(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------
-# Oracles: exact scores of a mixture's noised marginals, as the models a network would be
-# ---------------------------------------------------------------------------------------
-
-
-def _per_timestep(x: torch.Tensor, t: torch.Tensor,
-                  value_at: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Evaluate value_at(t_value, rows) for each distinct timestep in the batch (samplers use one t at a time)."""
-    out = torch.empty_like(x)
-    for value in torch.unique(t):
-        rows = t == value
-        out[rows] = value_at(int(value), x[rows]).to(x.dtype)
-    return out
-
-
-def mixture_score_model(mixture: GaussianMixture, schedule: NoiseSchedule) -> TimeModel:
-    """(x_t, t) ↦ ∇ log q_t(x_t), exact, for data drawn from ``mixture`` noised by ``schedule`` (t in 0..T)."""
-    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return _per_timestep(x, t, lambda step, rows: mixture.at(schedule, step).score(rows))
-    return score
-
-
-def mixture_eps_model(mixture: GaussianMixture, schedule: NoiseSchedule) -> TimeModel:
-    """(x_t, t) ↦ −√(1 − ᾱ_t) ∇ log q_t(x_t): the best possible ε-predictor for mixture data (lesson 04, eq. 9)."""
-    score = mixture_score_model(mixture, schedule)
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return schedule.eps_from_score(x, t, score(x, t))
-    return eps
-
-
-# ---------------------------------------------------------------------------------------
 # Score matching losses
 # ---------------------------------------------------------------------------------------
 
 
-def explicit_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, true_score: torch.Tensor) -> torch.Tensor:
+def explicit_score_matching_loss(score_model: LevelScore, x: torch.Tensor, true_score: torch.Tensor) -> torch.Tensor:
     """½ E ‖s_θ(x) − ∇ log p(x)‖² (lesson 04, eq. 2): only possible when the true score is known."""
     if true_score.shape != x.shape:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, true_score {tuple(true_score.shape)}")
     return 0.5 * ((score_model(x) - true_score) ** 2).sum(-1).mean()
 
 
-def denoising_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, sigma: float,
+def denoising_score_matching_loss(score_model: LevelScore, x: torch.Tensor, sigma: float,
                                   generator: torch.Generator | None = None) -> torch.Tensor:
     """½ E ‖s_θ(x + σz) + z/σ‖² (Vincent 2011; lesson 04, eq. 4).
 
@@ -86,7 +53,7 @@ def denoising_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, sigma: 
     return 0.5 * ((score_model(x + sigma * z) + z / sigma) ** 2).sum(-1).mean()
 
 
-def sliced_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, generator: torch.Generator | None = None,
+def sliced_score_matching_loss(score_model: LevelScore, x: torch.Tensor, generator: torch.Generator | None = None,
                                num_projections: int = 1) -> torch.Tensor:
     """E_v E_x [ vᵀ ∇_x(vᵀ s_θ(x)) + ½ (vᵀ s_θ(x))² ], v ~ N(0, I) (Song et al. 2019; lesson 04, eq. 6).
 
@@ -109,23 +76,23 @@ def sliced_score_matching_loss(score_model: ScoreFn, x: torch.Tensor, generator:
 
 
 @torch.no_grad()
-def langevin(score_fn: ScoreFn, x_init: torch.Tensor, step_size: float, num_steps: int,
+def langevin(score_fn: LevelScore, x_init: torch.Tensor, step_size: float, steps: int,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Unadjusted Langevin dynamics: x ← x + η ∇ log p(x) + √(2η) z (lesson 04, eq. 7).
 
     For small η and many steps the iterates follow p. ``x_init`` is not modified.
     """
-    if step_size <= 0 or num_steps < 0:
-        raise ValueError(f"need step_size > 0 and num_steps >= 0, got {step_size}, {num_steps}")
+    if step_size <= 0 or steps < 0:
+        raise ValueError(f"need step_size > 0 and steps >= 0, got {step_size}, {steps}")
     x = x_init.clone()
-    for _ in range(num_steps):
+    for _ in range(steps):
         z = randn_like(x, generator)
         x = x + step_size * score_fn(x) + (2 * step_size) ** 0.5 * z
     return x
 
 
 @torch.no_grad()
-def annealed_langevin(score_fn: Callable[[torch.Tensor, float], torch.Tensor], x_init: torch.Tensor,
+def annealed_langevin(score_fn: SigmaScore, x_init: torch.Tensor,
                       sigmas: Sequence[float], steps_per_level: int, step_scale: float,
                       generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1; lesson 04, eq. 8).
@@ -155,12 +122,12 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> lis
 class NoiseConditionalScore:
     """s_θ(x, σ_i) = −net(x, i) / σ_i for a ladder of noise levels σ_1 > … > σ_L (NCSN; lesson 04, eq. 5).
 
-    ``net(x, i)`` is any network taking the level index i (e.g. :class:`~minidiff.nets.MLPDenoiser`). Writing
-    the score as −net/σ makes the σ²-weighted denoising loss (Song & Ermon 2019, eq. 6)
+    ``net(x, i)`` is an ε-model whose timesteps are the level indices i (e.g. :class:`~minidiff.nets.MLPDenoiser`).
+    Writing the score as −net/σ makes the σ²-weighted denoising loss (Song & Ermon 2019, eq. 6)
     ½ σ² ‖s_θ(x + σz, σ) + z/σ‖² = ½ ‖net(x + σz, i) − z‖²: the network predicts the noise, as in DDPM.
     """
 
-    def __init__(self, net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sigmas: Sequence[float]) -> None:
+    def __init__(self, net: EpsModel, sigmas: Sequence[float]) -> None:
         self.net = net
         self.sigmas = torch.as_tensor(list(sigmas), dtype=torch.float32)
         if (self.sigmas.diff() >= 0).any() or (self.sigmas <= 0).any():

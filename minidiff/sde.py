@@ -9,7 +9,9 @@ and the probability-flow ODE with the same marginals p_s (Song et al. 2021, eq. 
 
     dx/ds = f(x, s) − ½ g(s)² ∇ log p_s(x).
 
-A score function here is ``score_fn(x, s)`` with a float s shared by the batch.
+A score here is a :data:`~minidiff.contracts.TimeScore` ``score_fn(x, s)`` with a float s shared by the
+batch; :func:`minidiff.contracts.score_from_eps` turns a trained ε-model into one, and
+:func:`minidiff.oracles.mixture_time_score` gives the exact one of a Gaussian mixture.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import torch
 from scipy.integrate import solve_ivp
 from tqdm.auto import tqdm
 
+from minidiff.contracts import TimeScore
 from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
 from minidiff.toys import GaussianMixture
 
-ScoreFn = Callable[[torch.Tensor, float], torch.Tensor]
 Drift = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -87,7 +89,7 @@ class VPSDE:
         """f(x, s) = −½ β(s) x."""
         return -0.5 * self.beta(s) * x
 
-    def diffusion(self, s: float) -> float:
+    def diffusion_coefficient(self, s: float) -> float:
         """g(s) = √β(s)."""
         return math.sqrt(self.beta(s))
 
@@ -106,16 +108,6 @@ class VPSDE:
     def prior_std(self) -> float:
         """x_1 is drawn from N(0, prior_std² I)."""
         return 1.0
-
-    def score_from_eps_model(self, eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ScoreFn:
-        """Turn an ε-model trained on the discrete schedule into a score: −ε_θ(x, sT) / √(1 − ᾱ(s)).
-
-        The network receives the real-valued timestep sT (its sinusoidal embedding accepts any real t).
-        """
-        def score(x: torch.Tensor, s: float) -> torch.Tensor:
-            t = torch.full((x.shape[0],), s * self.T, device=x.device)
-            return -eps_model(x, t).to(x.dtype) / self.marginal_std(s)
-        return score
 
 
 class VESDE:
@@ -137,7 +129,7 @@ class VESDE:
         """f = 0: no shrinking."""
         return torch.zeros_like(x)
 
-    def diffusion(self, s: float) -> float:
+    def diffusion_coefficient(self, s: float) -> float:
         """g(s) = √(dσ²/ds) = σ(s) √(2 log(σ_max/σ_min))."""
         return self.sigma(s) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
 
@@ -161,13 +153,6 @@ class VESDE:
 SDE = VPSDE | VESDE
 
 
-def mixture_score(sde: SDE, mixture: GaussianMixture) -> ScoreFn:
-    """The exact score ∇ log p_s of mixture data under ``sde``: the oracle that isolates sampler error."""
-    def score(x: torch.Tensor, s: float) -> torch.Tensor:
-        return sde.mixture_marginal(mixture, s).score(x)
-    return score
-
-
 def prior_sample(sde: SDE, shape: tuple[int, ...], generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """x_1 ~ N(0, prior_std² I)."""
@@ -180,21 +165,21 @@ def prior_sample(sde: SDE, shape: tuple[int, ...], generator: torch.Generator | 
 
 
 @torch.no_grad()
-def euler_maruyama(sde: SDE, x0: torch.Tensor, s_end: float, num_steps: int,
+def euler_maruyama(sde: SDE, x0: torch.Tensor, s_end: float, steps: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Simulate the forward SDE from s = 0 to ``s_end``: x ← x + f(x, s) Δs + g(s) √Δs z (lesson 05, eq. 3)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    times = np.linspace(0.0, _check_time(s_end), num_steps + 1)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    times = np.linspace(0.0, _check_time(s_end), steps + 1)
     x = x0.clone()
     for s, s_next in itertools.pairwise(times):
         step = s_next - s
-        x = x + sde.drift(x, s) * step + sde.diffusion(s) * math.sqrt(step) * randn_like(x, generator)
+        x = x + sde.drift(x, s) * step + sde.diffusion_coefficient(s) * math.sqrt(step) * randn_like(x, generator)
     return x
 
 
 @torch.no_grad()
-def reverse_sde_sample(sde: SDE, score_fn: ScoreFn, x_T: torch.Tensor, num_steps: int,
+def reverse_sde_sample(sde: SDE, score_fn: TimeScore, x_T: torch.Tensor, steps: int,
                        generator: torch.Generator | None = None, s_min: float = 1e-3,
                        progress: bool = False) -> torch.Tensor:
     """Euler–Maruyama on the reverse SDE from s = 1 to ``s_min`` (Song et al. 2021, eq. 6; lesson 05, eq. 5).
@@ -202,15 +187,15 @@ def reverse_sde_sample(sde: SDE, score_fn: ScoreFn, x_T: torch.Tensor, num_steps
     x ← x − [f(x, s) − g(s)² ∇ log p_s(x)] Δs + g(s) √Δs z, with Δs > 0 the step back in time; no noise on the
     last step.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    times = np.linspace(1.0, _check_time(s_min), num_steps + 1)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    times = np.linspace(1.0, _check_time(s_min), steps + 1)
     x = x_T.clone()
-    for index in tqdm(range(num_steps), disable=not progress, desc="reverse SDE", leave=False):
+    for index in tqdm(range(steps), disable=not progress, desc="reverse SDE", leave=False):
         s, step = times[index], times[index] - times[index + 1]
-        g = sde.diffusion(s)
+        g = sde.diffusion_coefficient(s)
         x = x - (sde.drift(x, s) - g**2 * score_fn(x, s)) * step
-        if index < num_steps - 1:
+        if index < steps - 1:
             x = x + g * math.sqrt(step) * randn_like(x, generator)
     return x
 
@@ -220,39 +205,39 @@ def reverse_sde_sample(sde: SDE, score_fn: ScoreFn, x_T: torch.Tensor, num_steps
 # ---------------------------------------------------------------------------------------
 
 
-def probability_flow_drift(sde: SDE, score_fn: ScoreFn) -> Drift:
+def probability_flow_drift(sde: SDE, score_fn: TimeScore) -> Drift:
     """v(x, s) = f(x, s) − ½ g(s)² ∇ log p_s(x): the ODE whose solutions carry p_1 to p_0 (lesson 05, eq. 7)."""
     def drift(x: torch.Tensor, s: float) -> torch.Tensor:
-        return sde.drift(x, s) - 0.5 * sde.diffusion(s) ** 2 * score_fn(x, s)
+        return sde.drift(x, s) - 0.5 * sde.diffusion_coefficient(s) ** 2 * score_fn(x, s)
     return drift
 
 
 @torch.no_grad()
-def ode_euler(drift: Drift, x: torch.Tensor, s_start: float, s_end: float, num_steps: int) -> tuple[torch.Tensor, int]:
+def ode_euler(drift: Drift, x: torch.Tensor, s_start: float, s_end: float, steps: int) -> tuple[torch.Tensor, int]:
     """Euler's method, x ← x + v(x, s) Δs, on a uniform grid; returns (x at s_end, number of drift evaluations)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    times = np.linspace(s_start, s_end, num_steps + 1)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    times = np.linspace(s_start, s_end, steps + 1)
     for s, s_next in itertools.pairwise(times):
         x = x + drift(x, s) * (s_next - s)
-    return x, num_steps
+    return x, steps
 
 
 @torch.no_grad()
-def ode_heun(drift: Drift, x: torch.Tensor, s_start: float, s_end: float, num_steps: int) -> tuple[torch.Tensor, int]:
+def ode_heun(drift: Drift, x: torch.Tensor, s_start: float, s_end: float, steps: int) -> tuple[torch.Tensor, int]:
     """Heun's method (explicit trapezoid, second order): an Euler guess, then the average of both slopes.
 
-    Returns (x at s_end, number of drift evaluations = 2 · num_steps).
+    Returns (x at s_end, number of drift evaluations = 2 · steps).
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    times = np.linspace(s_start, s_end, num_steps + 1)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    times = np.linspace(s_start, s_end, steps + 1)
     for s, s_next in itertools.pairwise(times):
         step = s_next - s
         slope = drift(x, s)
         guess = x + slope * step
         x = x + 0.5 * (slope + drift(guess, s_next)) * step
-    return x, 2 * num_steps
+    return x, 2 * steps
 
 
 @torch.no_grad()
@@ -291,7 +276,7 @@ def divergence(drift: Drift, x: torch.Tensor, s: float) -> tuple[torch.Tensor, t
     return value.detach(), total.detach()
 
 
-def ode_log_likelihood(sde: SDE, score_fn: ScoreFn, x0: torch.Tensor, s_min: float = 1e-3, rtol: float = 1e-6,
+def ode_log_likelihood(sde: SDE, score_fn: TimeScore, x0: torch.Tensor, s_min: float = 1e-3, rtol: float = 1e-6,
                        atol: float = 1e-6) -> tuple[torch.Tensor, int]:
     """log p_{s_min}(x0) per example through the probability-flow ODE (Song et al. 2021, eq. 39; lesson 05, eq. 9).
 

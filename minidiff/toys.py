@@ -16,8 +16,6 @@ import math
 
 import torch
 
-from minidiff.schedules import NoiseSchedule, Timesteps
-
 
 def _check_count(n: int) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -119,13 +117,6 @@ class GaussianMixture:
             raise ValueError(f"noise_var must be >= 0, got {noise_var}")
         eye = torch.eye(self.dim, dtype=torch.float64)
         return GaussianMixture(self.weights, self.means, self.covariances + noise_var * eye)
-
-    def at(self, schedule: NoiseSchedule, t: Timesteps) -> GaussianMixture:
-        """The exact marginal q_t(x_t) of this mixture under ``schedule`` at the single timestep t (0..T)."""
-        t = schedule.check_timesteps(t, lowest=0)
-        if t.ndim != 0:
-            raise ValueError("at() takes a single timestep; call it once per t")
-        return self.diffused(schedule.alpha_bars[t].item())
 
 
 def _ring(num_modes: int, radius: float, std: float) -> GaussianMixture:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minidiff.contracts import EpsModel
 from minidiff.runtime import device as default_device
 from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
@@ -61,6 +62,12 @@ class TrainResult:
     interrupted: bool = False
     timed_out: bool = False
 
+    def ema_model(self) -> nn.Module:
+        """The EMA network ready to sample with and to save: float32, contiguous memory, eval mode, grad-free."""
+        if self.ema is None:
+            raise ValueError("this run kept no EMA (fit(ema_decay=None)); use the trained model itself")
+        return self.ema.model.float().to(memory_format=torch.contiguous_format).eval()
+
     @property
     def steps(self) -> int:
         """Number of optimisation steps taken."""
@@ -84,6 +91,54 @@ def _to_device(batch: Batch, target: torch.device, channels_last: bool = False) 
     return batch
 
 
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, cosine_decay: bool = False) -> float:
+    """The learning-rate factor at ``step``: a linear warm-up over ``warmup_steps``, then 1 or a cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if cosine_decay:
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return 1.0
+
+
+@dataclass
+class SpeedSettings:
+    """The device-specific knobs of ``fit``, which change speed and never the maths (beyond float rounding).
+
+    * ``bf16``: autocast the forward pass to bfloat16 (CUDA only);
+    * ``channels_last``: NHWC convolution weights and image batches (CUDA only; tensor-core friendly);
+    * fused AdamW on CUDA: the whole update in a few kernels (small networks are launch-bound on a GPU).
+    """
+
+    target: torch.device
+    bf16: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        on_cuda = self.target.type == "cuda"
+        self.bf16, self.channels_last = self.bf16 and on_cuda, self.channels_last and on_cuda
+
+    def prepare(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """Move ``model`` to the device in training mode and return its AdamW optimiser."""
+        model.to(self.target).train()
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                 fused=self.target.type == "cuda")
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of the forward pass (a no-op unless bf16 is on)."""
+        return torch.autocast(device_type=self.target.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def _checked_loss_value(loss: torch.Tensor, step: int, lr: float) -> float:
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"the loss became {value} at step {step}: training diverged. Lower the learning rate (now {lr}), "
+            "keep gradient clipping on, or check the data for NaNs.")
+    return value
+
+
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], next_batch: Callable[[], Batch],
         steps: int, lr: float = 1e-3, weight_decay: float = 0.0, ema_decay: float | None = 0.999,
         grad_clip: float | None = 1.0, device: torch.device | None = None, bf16: bool = False,
@@ -91,16 +146,14 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         result: TrainResult | None = None, channels_last: bool = False,
         time_limit: float | None = None, callback: Callable[[TrainResult], None] | None = None,
         callback_every: int = 100) -> TrainResult:
-    """Train ``model`` for ``steps`` AdamW steps on ``loss_fn(model, next_batch())``.
+    """Train ``model`` for ``steps`` AdamW steps on ``loss_fn(model, next_batch())`` (Algorithm 1's loop).
 
     Args:
         next_batch: returns one batch (tensors are moved to the device here).
         ema_decay: keep an EMA of the weights with this decay (None: no EMA).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
-        bf16: autocast the forward pass to bfloat16 (CUDA only; ignored elsewhere).
-        channels_last: store convolution weights and image batches as NHWC (CUDA only; faster convolutions
-            on tensor cores, the same numbers).
-        warmup_steps, cosine_decay: a linear warm-up, then optionally a cosine decay of the learning rate to 0.
+        bf16, channels_last: speed knobs for CUDA, ignored elsewhere (:class:`SpeedSettings`).
+        warmup_steps, cosine_decay: the learning-rate schedule (:func:`warmup_cosine`).
         result: continue a previous run (its loss history and EMA are extended).
         time_limit: stop after this many seconds even if fewer than ``steps`` were taken (the learning-rate
             schedule is still laid out over ``steps``); ``result.timed_out`` then says so.
@@ -114,49 +167,31 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    target = device or default_device()
-    use_bf16, channels_last = bf16 and target.type == "cuda", channels_last and target.type == "cuda"
-    model.to(target).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # fused=True runs the whole AdamW update as a few CUDA kernels (small nets are launch-bound on a GPU).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=target.type == "cuda")
-
-    def learning_rate_factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if cosine_decay:
-            progress_fraction = (step - warmup_steps) / max(1, steps - warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * progress_fraction))
-        return 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    speed = SpeedSettings(device or default_device(), bf16, channels_last)
+    optimizer = speed.prepare(model, lr, weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, cosine_decay))
     result = result or TrainResult()
     if ema_decay is not None and result.ema is None:
         result.ema = EMA(model, ema_decay)
     if result.ema is not None:
-        result.ema.model.to(target)
+        result.ema.model.to(speed.target)
     start = time.perf_counter()
     bar = tqdm(range(steps), disable=not progress, desc="training", leave=True)
     try:
         for step in bar:
-            batch = _to_device(next_batch(), target, channels_last)
-            with torch.autocast(device_type=target.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = loss_fn(model, batch)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"the loss became {loss_value} at step {result.steps}: training diverged. Lower the learning "
-                    f"rate (now {lr}), keep gradient clipping on, or check the data for NaNs.")
+            batch = _to_device(next_batch(), speed.target, speed.channels_last)
+            with speed.autocast():
+                loss = loss_fn(model, batch)  # e.g. L_simple at random t and ε (Algorithm 1, lines 2-5)
+            result.losses.append(_checked_loss_value(loss, result.steps, lr))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            optimizer.step()  # the gradient step of line 5
             scheduler.step()
             if result.ema is not None:
                 result.ema.update(model)
-            result.losses.append(loss_value)
             if step % 25 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{sum(result.losses[-25:]) / len(result.losses[-25:]):.4f}")
             if callback is not None and result.steps % callback_every == 0:
@@ -176,7 +211,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
     return result
 
 
-def ddpm_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
+def ddpm_loss(model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor,
               generator: torch.Generator | None = None, t: torch.Tensor | None = None,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 1 of Ho et al. (2020): L_simple = E ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², t ~ U{1..T}.

@@ -11,6 +11,7 @@ The shipped weights live in ``minidiff/pretrained_weights/``; :func:`pretrained`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,12 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minidiff.nets import DigitClassifier, UNet
+from minidiff.nets import DigitClassifier, DigitClassifierConfig, UNet, UNetConfig
 from minidiff.runtime import device as default_device
 from minidiff.schedules import NoiseSchedule
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained_weights"
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"UNet": UNet, "DigitClassifier": DigitClassifier}
+#: Every network that can be saved, with the config dataclass that rebuilds it from its card.
+MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {"UNet": (UNet, UNetConfig),
+                                                         "DigitClassifier": (DigitClassifier, DigitClassifierConfig)}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -70,7 +73,7 @@ def save_weights(model: nn.Module, path: str | Path, card: dict[str, Any] | None
                for name, value in model.state_dict().items()}
     _atomic_write(path, lambda temporary: save_file(tensors, temporary))
     card = dict(card or {}) | {
-        "model": {"class": type(model).__name__, "config": model.config},
+        "model": {"class": type(model).__name__, "config": dataclasses.asdict(model.config)},
         "parameters": sum(p.numel() for p in model.parameters()),
         "stored_dtype": str(dtype).removeprefix("torch."),
         "file_bytes": path.stat().st_size, "sha256": file_sha256(path)}
@@ -102,8 +105,12 @@ def build_model(card: dict[str, Any]) -> nn.Module:
     spec = card["model"]
     if spec["class"] not in MODEL_CLASSES:
         raise ValueError(f"unknown model class {spec['class']!r} in card; known: {sorted(MODEL_CLASSES)}")
-    config = {key: tuple(value) if isinstance(value, list) else value for key, value in spec["config"].items()}
-    return MODEL_CLASSES[spec["class"]](**config)
+    model_class, config_class = MODEL_CLASSES[spec["class"]]
+    known = {field.name for field in dataclasses.fields(config_class)}
+    if unknown := sorted(set(spec["config"]) - known):
+        raise ValueError(f"the card's {spec['class']} config has fields {unknown} that {config_class.__name__} "
+                         f"does not know (known: {sorted(known)}): a card from a newer minidiff?")
+    return model_class(config_class(**spec["config"]))
 
 
 def load_weights(model: nn.Module, path: str | Path, sha256: str | None = None) -> nn.Module:
@@ -138,7 +145,7 @@ def schedule_from_card(card: dict[str, Any]) -> NoiseSchedule:
     spec = card.get("schedule")
     if spec is None:
         raise ValueError("this card records no noise schedule (is it a classifier?)")
-    return getattr(NoiseSchedule, spec["kind"])(spec["T"])
+    return NoiseSchedule.from_spec(spec)
 
 
 def available() -> list[str]:

@@ -7,7 +7,6 @@ import torch
 from scipy import integrate, stats
 
 from minidiff.elbo import (
-    GaussianData,
     bits_per_dim,
     decoder_term,
     discretized_gaussian_log_likelihood,
@@ -22,6 +21,7 @@ from minidiff.elbo import (
     prior_term,
     trajectory_bound,
 )
+from minidiff.oracles import GaussianData
 from minidiff.schedules import NoiseSchedule
 
 

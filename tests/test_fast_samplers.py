@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from minidiff.oracles import mixture_eps_model
 from minidiff.samplers import (
     ddim_invert,
     ddim_sample,
@@ -12,10 +13,10 @@ from minidiff.samplers import (
     pf_ode_sample,
     slerp,
     threshold_x0,
+    thresholded,
     timestep_sequence,
 )
 from minidiff.schedules import NoiseSchedule
-from minidiff.score import mixture_eps_model
 from minidiff.toys import eight_gaussians_mixture
 
 MIXTURE = eight_gaussians_mixture()
@@ -41,14 +42,15 @@ def test_timestep_sequences() -> None:
 def test_samplers_reject_bad_arguments() -> None:
     schedule = NoiseSchedule.linear(20)
     eps = mixture_eps_model(MIXTURE, schedule)
+    x_T = start_noise(4)
     with pytest.raises(ValueError, match="eta must be >= 0"):
-        ddim_sample(eps, schedule, (4, 2), eta=-0.1)
+        ddim_sample(eps, schedule, x_T, eta=-0.1)
     with pytest.raises(ValueError, match="cannot exceed"):
-        dpm_solver_pp_sample(eps, schedule, (4, 2), steps=21)
+        dpm_solver_pp_sample(eps, schedule, x_T, steps=21)
     with pytest.raises(ValueError, match="method"):
-        pf_ode_sample(eps, schedule, (4, 2), method="rk4")
-    with pytest.raises(ValueError, match="exactly one of shape"):
-        ddim_sample(eps, schedule, steps=10)
+        pf_ode_sample(eps, schedule, x_T, method="rk4")
+    with pytest.raises(ValueError, match="nothing to threshold"):
+        thresholded(eps, schedule)
 
 
 def test_ddim_with_eta_one_over_all_steps_is_ddpm_with_posterior_variance() -> None:
@@ -154,8 +156,10 @@ def test_clipping_keeps_samples_in_range() -> None:
     schedule = NoiseSchedule.linear(100)
     wild = lambda x, t: 3.0 * torch.ones_like(x)  # noqa: E731  a bad model that predicts huge noise
     x_T = start_noise(20)
-    assert ddim_sample(wild, schedule, x_T=x_T, steps=10, clip_x0=1.0).abs().max() <= 1.0 + 1e-9
-    assert dpm_solver_pp_sample(wild, schedule, x_T=x_T, steps=10, clip_x0=1.0).abs().max() <= 1.0 + 1e-9
+    clipped = thresholded(wild, schedule, clip=1.0)
+    assert ddim_sample(clipped, schedule, x_T=x_T, steps=10).abs().max() <= 1.0 + 1e-9
+    assert dpm_solver_pp_sample(clipped, schedule, x_T=x_T, steps=10).abs().max() <= 1.0 + 1e-9
+    assert pf_ode_sample(clipped, schedule, x_T=x_T, steps=10, method="euler").abs().max() <= 1.0 + 1e-9
     assert ddim_sample(wild, schedule, x_T=x_T, steps=10).abs().max() > 1.5
 
 
@@ -170,9 +174,18 @@ def test_slerp_stays_on_the_sphere_and_hits_its_ends() -> None:
         slerp(z0, z1[:2], 0.5)
 
 
-def test_trajectories_have_one_state_per_step() -> None:
+def test_callbacks_see_every_step_in_order() -> None:
     schedule = NoiseSchedule.linear(100)
     eps = mixture_eps_model(MIXTURE, schedule)
     for sampler in (ddim_sample, pf_ode_sample, dpm_solver_pp_sample):
-        final, trajectory = sampler(eps, schedule, x_T=start_noise(5), steps=10, return_trajectory=True)
-        assert len(trajectory) == 11 and torch.equal(trajectory[-1], final)
+        states = []
+        final = sampler(eps, schedule, x_T=start_noise(5), steps=10, callback=states.append)
+        assert [state["i"] for state in states] == list(range(10))
+        assert [state["t"] for state in states] == list(range(100, 0, -10))
+        assert [state["t_next"] for state in states] == [*range(90, 0, -10), 0]
+        assert torch.equal(states[-1]["x"], final)
+        # the x̂_0 reported at each step is the closed form solved for x_0 with the model's ε at that step
+        first = states[0]
+        x_T = start_noise(5)
+        expected_x0 = schedule.x0_from_eps(x_T, 100, eps(x_T, torch.full((5,), 100)))
+        assert torch.allclose(first["x0"], expected_x0, atol=1e-10), sampler.__name__

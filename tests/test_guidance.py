@@ -6,15 +6,14 @@ import torch
 import minidiff
 from minidiff.data import load_mnist
 from minidiff.guidance import (
-    class_conditional_mixture,
     classifier_free_guidance,
     classifier_guidance,
     ho_salimans_w_from_scale,
-    mixture_eps_models,
-    mixture_noisy_classifier,
     scale_from_ho_salimans_w,
 )
 from minidiff.metrics import judge_accuracy, within_class_spread
+from minidiff.oracles import class_conditional_mixture, mixture_guidance_oracles, mixture_noisy_classifier
+from minidiff.runtime import standard_normal
 from minidiff.samplers import ddim_sample, ddpm_sample
 from minidiff.schedules import NoiseSchedule
 from minidiff.toys import GaussianMixture
@@ -33,7 +32,7 @@ class ExactConditionalModel(torch.nn.Module):
     null_class = 2
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        unconditional, conditional = mixture_eps_models(MIXTURE, LABELS, SCHEDULE)
+        unconditional, conditional = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
         out = torch.empty_like(x)
         for label in y.unique().tolist():
             rows = y == label
@@ -54,7 +53,7 @@ def test_scale_conventions_convert_both_ways() -> None:
 
 def test_exact_classifier_free_equals_exact_classifier_guidance_at_every_scale() -> None:
     x, t = probe_points()
-    unconditional, _ = mixture_eps_models(MIXTURE, LABELS, SCHEDULE)
+    unconditional, _ = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
     classifier = mixture_noisy_classifier(MIXTURE, LABELS, SCHEDULE)
     for scale in (0.0, 0.5, 1.0, 3.0, 7.0):
         free = classifier_free_guidance(ExactConditionalModel(), 1, scale)(x, t)
@@ -65,7 +64,7 @@ def test_exact_classifier_free_equals_exact_classifier_guidance_at_every_scale()
 def test_scale_one_gives_the_conditional_and_zero_the_unconditional_model() -> None:
     """Independent of the guidance code: the exact ε of p(x | y) comes from the class's own components."""
     x, t = probe_points()
-    unconditional, conditional = mixture_eps_models(MIXTURE, LABELS, SCHEDULE)
+    unconditional, conditional = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
     classifier = mixture_noisy_classifier(MIXTURE, LABELS, SCHEDULE)
     for label in (0, 1):
         assert torch.allclose(classifier_guidance(unconditional, classifier, SCHEDULE, label, 1.0)(x, t),
@@ -79,7 +78,7 @@ def test_scale_one_gives_the_conditional_and_zero_the_unconditional_model() -> N
 
 
 def test_guided_sampling_at_scale_one_samples_the_class() -> None:
-    unconditional, _ = mixture_eps_models(MIXTURE, LABELS, SCHEDULE)
+    unconditional, _ = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
     classifier = mixture_noisy_classifier(MIXTURE, LABELS, SCHEDULE)
     generator = torch.Generator().manual_seed(1)
     x_T = torch.randn(4000, 2, generator=generator, dtype=torch.float64)
@@ -104,7 +103,7 @@ def tilted_mean(gamma: float, label: int) -> torch.Tensor:
 
 def test_strong_guidance_does_not_sample_the_tilted_density() -> None:
     """At γ = 1 guided samples match p(x | y); at γ = 3 they land far past the tilted density's mean."""
-    unconditional, _ = mixture_eps_models(MIXTURE, LABELS, SCHEDULE)
+    unconditional, _ = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
     classifier = mixture_noisy_classifier(MIXTURE, LABELS, SCHEDULE)
     generator = torch.Generator().manual_seed(2)
     x_T = torch.randn(6000, 2, generator=generator, dtype=torch.float64)
@@ -119,7 +118,7 @@ def test_strong_guidance_does_not_sample_the_tilted_density() -> None:
 
 
 def test_guidance_rejects_bad_arguments() -> None:
-    unconditional, _ = mixture_eps_models(MIXTURE, LABELS, SCHEDULE)
+    unconditional, _ = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
     classifier = mixture_noisy_classifier(MIXTURE, LABELS, SCHEDULE)
     x, t = probe_points()
     with pytest.raises(ValueError, match="scale must be >= 0"):
@@ -137,8 +136,9 @@ def test_shipped_conditional_model_draws_the_requested_digits() -> None:
     model = minidiff.pretrained("mnist_cond", device="cpu")
     judge = minidiff.pretrained("judge", device="cpu")
     requested = torch.arange(20) % 10
-    samples = ddim_sample(classifier_free_guidance(model, requested, 2.0), schedule_from_card(model.card),
-                          (20, 1, 28, 28), steps=20, generator=torch.Generator().manual_seed(0))
+    x_T = standard_normal((20, 1, 28, 28), torch.Generator().manual_seed(0))
+    samples = ddim_sample(classifier_free_guidance(model, requested, 2.0), schedule_from_card(model.card), x_T,
+                          steps=20)
     assert judge_accuracy(judge, samples, requested) >= 0.9
 
 

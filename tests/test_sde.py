@@ -8,13 +8,13 @@ import torch
 from scipy import integrate, stats
 
 from minidiff.metrics import compare_to_data, mixture_log_likelihood
+from minidiff.oracles import mixture_time_score
 from minidiff.schedules import NoiseSchedule
 from minidiff.score import annealed_langevin, geometric_sigmas
 from minidiff.sde import (
     VESDE,
     VPSDE,
     euler_maruyama,
-    mixture_score,
     ode_euler,
     ode_heun,
     ode_log_likelihood,
@@ -49,7 +49,7 @@ def test_euler_maruyama_forward_marginals_match_the_closed_form(vp: VPSDE, kind:
     generator = torch.Generator().manual_seed(0)
     x0 = torch.full((20_000, 1), 0.8, dtype=torch.float64)
     s_end = 0.4
-    simulated = euler_maruyama(sde, x0, s_end, num_steps=400, generator=generator)
+    simulated = euler_maruyama(sde, x0, s_end, steps=400, generator=generator)
     mean = math.sqrt(sde.alpha_bar(s_end)) * 0.8 if kind == "vp" else 0.8
     assert stats.kstest(simulated[:, 0].numpy(), stats.norm(mean, sde.marginal_std(s_end)).cdf).pvalue > 1e-3
     # teeth: a closed form with the wrong noise level is rejected
@@ -67,14 +67,14 @@ def assert_samples_the_mixture(samples: torch.Tensor, generator: torch.Generator
 
 def test_reverse_sde_with_the_exact_score_samples_the_data(vp: VPSDE) -> None:
     generator = torch.Generator().manual_seed(1)
-    score = mixture_score(vp, eight_gaussians_mixture())
-    samples = reverse_sde_sample(vp, score, prior_sample(vp, (2000, 2), generator), num_steps=500, generator=generator)
+    score = mixture_time_score(vp, eight_gaussians_mixture())
+    samples = reverse_sde_sample(vp, score, prior_sample(vp, (2000, 2), generator), steps=500, generator=generator)
     assert_samples_the_mixture(samples, generator)
 
 
 def test_probability_flow_ode_with_the_exact_score_samples_the_data(vp: VPSDE) -> None:
     generator = torch.Generator().manual_seed(2)
-    drift = probability_flow_drift(vp, mixture_score(vp, eight_gaussians_mixture()))
+    drift = probability_flow_drift(vp, mixture_time_score(vp, eight_gaussians_mixture()))
     samples, evaluations = ode_solve_ivp(drift, prior_sample(vp, (2000, 2), generator), 1.0, 1e-3)
     assert evaluations < 400
     assert_samples_the_mixture(samples, generator)
@@ -92,7 +92,7 @@ def test_annealed_langevin_with_the_exact_score_samples_the_data() -> None:
 def test_ve_sde_reverse_sampling_with_the_exact_score() -> None:
     ve, generator = VESDE(0.01, 8.0), torch.Generator().manual_seed(4)
     start = prior_sample(ve, (2000, 2), generator)
-    samples = reverse_sde_sample(ve, mixture_score(ve, eight_gaussians_mixture()), start, num_steps=1000,
+    samples = reverse_sde_sample(ve, mixture_time_score(ve, eight_gaussians_mixture()), start, steps=1000,
                                  generator=generator, s_min=0.0)
     assert_samples_the_mixture(samples, generator)
 
@@ -114,7 +114,7 @@ def test_smooth_vp_sde_has_the_closed_form_alpha_bar() -> None:
 def test_euler_is_first_order_and_heun_second_order() -> None:
     """Error against a tight reference from the same x_1, as the number of steps doubles (smooth β(s))."""
     generator, smooth = torch.Generator().manual_seed(5), VPSDE(beta_min=0.1, beta_max=20.0)
-    drift = probability_flow_drift(smooth, mixture_score(smooth, eight_gaussians_mixture()))
+    drift = probability_flow_drift(smooth, mixture_time_score(smooth, eight_gaussians_mixture()))
     start = prior_sample(smooth, (32, 2), generator)
     s_min = 0.05  # away from the data, where the solution is smooth and the asymptotic order shows
     reference, _ = ode_solve_ivp(drift, start, 1.0, s_min, rtol=1e-11, atol=1e-11, method="DOP853")
@@ -128,7 +128,7 @@ def test_euler_is_first_order_and_heun_second_order() -> None:
 def test_ode_log_likelihood_matches_the_exact_mixture_density(vp: VPSDE) -> None:
     mixture, generator = eight_gaussians_mixture(), torch.Generator().manual_seed(6)
     points = mixture.sample(20, generator).double()
-    log_likelihood, _ = ode_log_likelihood(vp, mixture_score(vp, mixture), points, s_min=1e-3)
+    log_likelihood, _ = ode_log_likelihood(vp, mixture_time_score(vp, mixture), points, s_min=1e-3)
     exact = vp.mixture_marginal(mixture, 1e-3).log_prob(points)
     assert (log_likelihood - exact).abs().max().item() < 0.02  # reached: about 0.007 nats at rtol = atol = 1e-6
 
@@ -138,7 +138,7 @@ def test_bad_inputs(vp: VPSDE) -> None:
         vp.alpha_bar(1.5)
     with pytest.raises(ValueError, match="sigma_min"):
         VESDE(1.0, 0.5)
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(ValueError, match="steps"):
         ode_euler(lambda x, s: x, torch.zeros(1, 2), 1.0, 0.0, 0)
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         ode_log_likelihood(vp, lambda x, s: x, torch.zeros(2, 2, 2))

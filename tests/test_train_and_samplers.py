@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import minidiff
-from minidiff.elbo import GaussianData
 from minidiff.metrics import compare_to_data, mixture_log_likelihood
 from minidiff.nets import MLPDenoiser, count_parameters, sinusoidal_embedding
+from minidiff.oracles import GaussianData, mixture_eps_model
+from minidiff.runtime import standard_normal
 from minidiff.samplers import ddpm_sample
 from minidiff.schedules import NoiseSchedule
-from minidiff.score import mixture_eps_model
 from minidiff.toys import eight_gaussians_mixture, sample_toy, two_gaussians_mixture
 from minidiff.train import EMA, ddpm_loss, fit, random_rows
 
@@ -115,7 +115,8 @@ def test_ancestral_sampler_with_the_exact_eps_samples_the_mixture() -> None:
     """Algorithm 2 driven by the exact ε of a mixture: the samples match fresh data within the metric's noise."""
     mixture, schedule = eight_gaussians_mixture(), NoiseSchedule.linear(1000)
     generator = torch.Generator().manual_seed(0)
-    samples = ddpm_sample(mixture_eps_model(mixture, schedule), schedule, (2000, 2), generator=generator)
+    samples = ddpm_sample(mixture_eps_model(mixture, schedule), schedule, standard_normal((2000, 2), generator),
+                          generator=generator)
     comparison = compare_to_data(samples, lambda n, g: mixture.sample(n, g), generator, repeats=10)
     assert comparison.ratio < 2.0, comparison
     # the exact log-likelihood is a much steadier judge than a two-sample distance
@@ -127,17 +128,20 @@ def test_ancestral_sampler_with_a_wrong_model_is_detected() -> None:
     """Teeth for the test above: sampling a different mixture is far from the data by the same metric."""
     mixture, other, schedule = eight_gaussians_mixture(), two_gaussians_mixture(), NoiseSchedule.linear(200)
     generator = torch.Generator().manual_seed(0)
-    samples = ddpm_sample(mixture_eps_model(other, schedule), schedule, (1500, 2), generator=generator)
+    samples = ddpm_sample(mixture_eps_model(other, schedule), schedule, standard_normal((1500, 2), generator),
+                          generator=generator)
     assert compare_to_data(samples, lambda n, g: mixture.sample(n, g), generator).ratio > 10
 
 
 def test_sampler_trajectory_and_errors() -> None:
     schedule = NoiseSchedule.linear(20)
-    x, path = ddpm_sample(lambda x, t: torch.zeros_like(x), schedule, (3, 2), return_trajectory=True,
-                          generator=torch.Generator().manual_seed(0))
+    x_T = standard_normal((3, 2), torch.Generator().manual_seed(0))
+    path = [x_T]
+    x = ddpm_sample(lambda x, t: torch.zeros_like(x), schedule, x_T, generator=torch.Generator().manual_seed(0),
+                    callback=lambda state: path.append(state["x"]))
     assert len(path) == 21 and torch.equal(path[-1], x)
-    with pytest.raises(ValueError, match="exactly one"):
-        ddpm_sample(lambda x, t: x, schedule)
+    with pytest.raises(ValueError, match="variance kind"):
+        ddpm_sample(lambda x, t: x, schedule, x_T, variance="sigma")
 
 
 def test_trained_mlp_samples_two_moons_within_twice_the_baseline() -> None:
@@ -148,7 +152,7 @@ def test_trained_mlp_samples_two_moons_within_twice_the_baseline() -> None:
     model = MLPDenoiser(hidden=128, num_blocks=3)
     result = fit(model, lambda m, x: ddpm_loss(m, schedule, x), random_rows(data, 256, generator), steps=1500,
                  lr=2e-3, progress=False, device=torch.device("cpu"), warmup_steps=50, cosine_decay=True)
-    samples = ddpm_sample(result.ema.model, schedule, (1000, 2), generator=generator)
+    samples = ddpm_sample(result.ema.model, schedule, standard_normal((1000, 2), generator), generator=generator)
     comparison = compare_to_data(samples, lambda n, g: sample_toy("two_moons", n, g), generator,
                                  metric="sliced_wasserstein")
     assert math.isfinite(comparison.ratio) and comparison.ratio < 2.0, comparison

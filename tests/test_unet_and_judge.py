@@ -7,11 +7,11 @@ import torch
 import minidiff
 from minidiff.data import load_mnist, random_shift
 from minidiff.metrics import classify, frechet_distance, judge_accuracy, judge_samples
-from minidiff.nets import Attention, DigitClassifier, ResidualBlock, UNet, count_parameters
+from minidiff.nets import Attention, DigitClassifier, ResidualBlock, UNet, UNetConfig, count_parameters
 from minidiff.schedules import NoiseSchedule
 from minidiff.train import classifier_loss, conditional_ddpm_loss, ddpm_loss, fit
 
-TINY = {"base_channels": 8, "channel_mults": (1, 2), "blocks_per_level": 1, "attention_resolutions": (14,)}
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_resolutions=(14,))
 
 
 @pytest.mark.parametrize("size, mults", [(28, (1, 2, 2)), (32, (1, 2, 2, 2))])
@@ -24,7 +24,7 @@ def test_unet_keeps_the_image_shape_at_28_and_32(size: int, mults: tuple[int, ..
 
 def test_unet_starts_at_zero_and_blocks_start_as_identity() -> None:
     """The last convolutions are zero-initialised: an untrained net predicts ε = 0, every block is the identity."""
-    model = UNet(**TINY)
+    model = UNet(TINY)
     assert torch.equal(model(torch.randn(2, 1, 28, 28), torch.tensor([3, 7])), torch.zeros(2, 1, 28, 28))
     block, h = ResidualBlock(8, 8, 16), torch.randn(2, 8, 5, 5)
     assert torch.allclose(block(h, torch.randn(2, 16)), h)
@@ -34,7 +34,7 @@ def test_unet_starts_at_zero_and_blocks_start_as_identity() -> None:
 
 def test_unet_timestep_and_class_change_the_output() -> None:
     torch.manual_seed(0)
-    model = UNet(**TINY, num_classes=10).eval()  # eval: no dropout
+    model = UNet(TINY, num_classes=10).eval()  # eval: no dropout
     for parameter in model.parameters():  # leave the zero init so that the output depends on the inputs
         torch.nn.init.normal_(parameter, std=0.05)
     x = torch.randn(2, 1, 28, 28)
@@ -47,7 +47,7 @@ def test_unet_timestep_and_class_change_the_output() -> None:
 
 def test_unet_cross_attention_uses_the_context_and_its_mask() -> None:
     torch.manual_seed(0)
-    model = UNet(**TINY, context_dim=6).eval()
+    model = UNet(TINY, context_dim=6).eval()
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.05)
     x, t, context = torch.randn(2, 1, 28, 28), torch.tensor([5, 5]), torch.randn(2, 3, 6)
@@ -60,7 +60,7 @@ def test_unet_cross_attention_uses_the_context_and_its_mask() -> None:
 
 
 def test_unet_bad_inputs_get_clear_errors() -> None:
-    model = UNet(**TINY, num_classes=10)
+    model = UNet(TINY, num_classes=10)
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
     with pytest.raises(ValueError, match=r"x must have shape \[B, 1, 28, 28\]"):
         model(torch.randn(2, 1, 32, 32), t)
@@ -71,7 +71,7 @@ def test_unet_bad_inputs_get_clear_errors() -> None:
     with pytest.raises(ValueError, match="context"):
         model(x, t, context=torch.randn(2, 3, 6))
     with pytest.raises(ValueError, match="no class embedding"):
-        UNet(**TINY)(x, t, torch.tensor([1, 2]))
+        UNet(TINY)(x, t, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="divisible"):
         UNet(channel_mults=(1, 2, 2, 2), image_size=28)
 
@@ -79,7 +79,7 @@ def test_unet_bad_inputs_get_clear_errors() -> None:
 def test_unet_can_overfit_one_batch() -> None:
     """The lesson 06 sanity check: with t and noise fixed, the loss on one batch must collapse."""
     generator = minidiff.seed_everything(0)
-    model = UNet(**TINY, dropout=0.0)
+    model = UNet(TINY, dropout=0.0)
     schedule = NoiseSchedule.linear(1000)
     x0 = load_mnist("train")[0][:8]
     t = torch.randint(1, 1001, (8,), generator=generator)
