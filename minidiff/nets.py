@@ -120,7 +120,7 @@ class Attention(nn.Module):
         super().__init__()
         if channels % heads:
             raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
-        self.heads, self.norm = heads, _group_norm(channels)
+        self.heads, self.norm, self.is_cross = heads, _group_norm(channels), context_dim is not None
         self.query = nn.Linear(channels, channels)
         self.key_value = nn.Linear(context_dim or channels, 2 * channels)
         self.out = nn.Linear(channels, channels)

@@ -246,12 +246,15 @@ def conditional_ddpm_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.T
 
     One network then learns both ε(x_t, t, y) and the unconditional ε(x_t, t, ∅) (Ho & Salimans 2022,
     Algorithm 1), which classifier-free guidance combines (lesson 09). ``model`` needs a ``null_class``.
+    ``labels`` may be class labels [B] or caption tokens [B, L] (lesson 10: caption dropout).
     """
     if not 0.0 <= label_dropout <= 1.0:
         raise ValueError(f"label_dropout must be a probability in [0, 1], got {label_dropout}")
-    if labels.shape != (x0.shape[0],):
-        raise ValueError(f"labels must have shape [{x0.shape[0]}], got {tuple(labels.shape)}")
-    dropped = torch.rand(labels.shape, generator=generator).to(labels.device) < label_dropout
+    if labels.ndim == 0 or labels.shape[0] != x0.shape[0]:
+        raise ValueError(f"labels must have one row per image ([{x0.shape[0]}] or [{x0.shape[0]}, L]), "
+                         f"got {tuple(labels.shape)}")
+    dropped = torch.rand(labels.shape[0], generator=generator).to(labels.device) < label_dropout
+    dropped = dropped.view(-1, *([1] * (labels.ndim - 1)))  # a caption is dropped whole, never word by word
     labels = torch.where(dropped, torch.full_like(labels, model.null_class), labels)
     return ddpm_loss(lambda x_t, t: model(x_t, t, labels), schedule, x0, generator)
 

@@ -23,14 +23,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minidiff.attributes import AttributeJudge, AttributeJudgeConfig
 from minidiff.nets import DigitClassifier, DigitClassifierConfig, UNet, UNetConfig
 from minidiff.runtime import device as default_device
 from minidiff.schedules import NoiseSchedule
+from minidiff.text import TextConditionedUNet, TextUNetConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained_weights"
 #: Every network that can be saved, with the config dataclass that rebuilds it from its card.
-MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {"UNet": (UNet, UNetConfig),
-                                                         "DigitClassifier": (DigitClassifier, DigitClassifierConfig)}
+MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {
+    "UNet": (UNet, UNetConfig), "DigitClassifier": (DigitClassifier, DigitClassifierConfig),
+    "AttributeJudge": (AttributeJudge, AttributeJudgeConfig),
+    "TextConditionedUNet": (TextConditionedUNet, TextUNetConfig)}
 
 
 def file_sha256(path: str | Path) -> str:
