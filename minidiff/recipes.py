@@ -101,8 +101,7 @@ def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | No
                                                                  time_limit=time_limit))
 
 
-def _diffusion_card_metrics(samples: torch.Tensor, judge_directory: Path | None) -> dict[str, Any]:
-    judge = pretrained("judge", directory=judge_directory)
+def _diffusion_card_metrics(samples: torch.Tensor, judge: nn.Module) -> dict[str, Any]:
     report = judge_samples(judge, samples)
     print(report)
     return {"samples": report.samples.count, "sampler": "DDPM ancestral, 1000 steps, sigma^2 = beta",
@@ -115,6 +114,7 @@ def _diffusion_card_metrics(samples: torch.Tensor, judge_directory: Path | None)
 def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
                      judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
     """The unconditional DDPM: MNIST_UNET trained with L_simple; judged on 1,000 DDPM samples."""
+    judge = pretrained("judge", directory=judge_directory)  # before training: a missing judge fails fast
     generator, target = seed_everything(seed), device()
     images, _ = _mnist_on_device()
     schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
@@ -126,7 +126,7 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
     ema = result.ema_model()
     x_T = standard_normal((budget(full=1000, fast=4), 1, 28, 28), generator, target)
     samples = ddpm_sample(ema, schedule, x_T, generator=generator, progress=progress)
-    card = _card("mnist_ddpm", result, batch_size, seed, _diffusion_card_metrics(samples, judge_directory),
+    card = _card("mnist_ddpm", result, batch_size, seed, _diffusion_card_metrics(samples, judge),
                  {"schedule": MNIST_SCHEDULE, "weights": "EMA"}, time_limit)
     return save_weights(ema, out / "mnist_ddpm.safetensors", card)
 
@@ -134,6 +134,7 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
 def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
                      judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
     """The class-conditional DDPM with label dropout 0.1 (one net for ε(x, t, y) and ε(x, t, ∅))."""
+    judge = pretrained("judge", directory=judge_directory)  # before training: a missing judge fails fast
     generator, target = seed_everything(seed), device()
     images, labels = _mnist_on_device()
     schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
@@ -148,7 +149,6 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
     requested = torch.arange(count, device=target) % 10
     x_T = standard_normal((count, 1, 28, 28), generator, target)
     samples = ddpm_sample(lambda x, t: ema(x, t, requested), schedule, x_T, generator=generator, progress=progress)
-    judge = pretrained("judge", directory=judge_directory)
     metrics = {"conditional_accuracy_no_guidance": round(judge_accuracy(judge, samples, requested), 4),
                "samples": count, "label_dropout": 0.1}
     card = _card("mnist_cond", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
@@ -237,6 +237,7 @@ def evaluate_text_model(model: TextConditionedUNet, judge: nn.Module, count: int
 def train_text_digits(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
                       judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
     """The text-conditioned U-Net of lesson 10: encoder and denoiser trained jointly, caption dropout 0.1."""
+    judge = pretrained("attribute_judge", directory=judge_directory)  # before training: a missing judge fails fast
     generator = seed_everything(seed)
     schedule = NoiseSchedule.from_spec(TEXT_SCHEDULE)
     steps = steps or budget(full=5000, fast=10)
@@ -249,15 +250,20 @@ def train_text_digits(out: Path, seed: int = 0, progress: bool = True, steps: in
                     _labelled_batches(images, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
                     progress=progress, time_limit=time_limit)
     model = result.ema_model()
-    judge = pretrained("attribute_judge", directory=judge_directory)
+    card = _card("text_digits", result, batch_size, seed, text_model_metrics(model, judge, generator, progress),
+                 {"schedule": TEXT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA}, time_limit)
+    return save_weights(model, out / "text_digits.safetensors", card)
+
+
+def text_model_metrics(model: TextConditionedUNet, judge: nn.Module, generator: torch.Generator,
+                       progress: bool = False) -> dict[str, Any]:
+    """The figures a text model's card records: :func:`evaluate_text_model` at :data:`TEXT_EVAL`, flattened."""
     reports = evaluate_text_model(model, judge, budget(full=500, fast=4), generator, progress=progress)
     metrics = {f"{name}_{figure}": round(getattr(report, figure), 4) for name, report in reports.items()
                for figure in ("caption_accuracy", "digit_accuracy", "colour_accuracy", "binding_accuracy", "swap_rate")
                if getattr(report, figure) == getattr(report, figure)}  # NaN (not asked) is left out
-    metrics |= {"samples_per_kind": reports["one_object"].count, "label_dropout": 0.1} | TEXT_EVAL
-    card = _card("text_digits", result, batch_size, seed, metrics,
-                 {"schedule": TEXT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA}, time_limit)
-    return save_weights(model, out / "text_digits.safetensors", card)
+    return metrics | {"samples_per_kind": reports["one_object"].count, "label_dropout": 0.1,
+                      "sampler": "DDIM eta=0, trailing, x0 clipped to [-1, 1]"} | TEXT_EVAL
 
 
 RECIPES: dict[str, Callable[..., dict[str, Any]]] = {

@@ -31,7 +31,7 @@ from minidiff.data import COLOURS, POSITIONS
 from minidiff.guidance import classifier_free_guidance
 from minidiff.nets import Attention, UNet, UNetConfig
 from minidiff.runtime import standard_normal
-from minidiff.samplers import ddim_sample
+from minidiff.samplers import ddim_sample, thresholded
 from minidiff.schedules import NoiseSchedule
 
 PAD, NULL, START = "<pad>", "<null>", "<start>"
@@ -247,10 +247,14 @@ def scene_pool(data: Any, count: int, generator: torch.Generator | None = None,
 def sample_captions(model: TextConditionedUNet, schedule: NoiseSchedule, captions: Sequence[str], scale: float = 3.0,
                     steps: int = 50, generator: torch.Generator | None = None, batch_size: int = 250,
                     progress: bool = False) -> torch.Tensor:
-    """Images [N, 3, 32, 32] for ``captions``: tokens → classifier-free guidance at ``scale`` → DDIM (η = 0).
+    """Images [N, 3, 32, 32] for ``captions``: tokens → classifier-free guidance at ``scale`` → x̂_0 clipped to
+    [−1, 1] → DDIM (η = 0).
 
-    Lesson 09's guidance wrapper and lesson 08's sampler, unchanged: the caption tokens take the place of the
-    class labels. The starting noise comes from ``generator`` (on the CPU), so a seed fixes the images.
+    Lesson 09's guidance wrapper and lesson 08's sampler and clipping wrapper, unchanged: the caption tokens take
+    the place of the class labels. The clipping is not cosmetic here: the clipped cosine schedule ends at
+    ᾱ_T ≈ 2.4·10⁻⁹, so at the first step x̂_0 = (x_T − √(1 − ᾱ_T) ε̂)/√ᾱ_T multiplies the network's error by
+    1/√ᾱ_T ≈ 2·10⁴, and without clipping the samples blow up to values in the thousands. The starting noise
+    comes from ``generator`` (on the CPU), so a seed fixes the images.
     """
     where = next(model.parameters()).device
     tokens = tokenize(list(captions), model.config.encoder.max_tokens).to(where)
@@ -258,5 +262,6 @@ def sample_captions(model: TextConditionedUNet, schedule: NoiseSchedule, caption
     for start in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="sampling captions", leave=False):
         chunk = tokens[start:start + batch_size]
         x_T = standard_normal((len(chunk), *TEXT_IMAGE_SHAPE), generator, where)
-        images.append(ddim_sample(classifier_free_guidance(model, chunk, scale), schedule, x_T, steps=steps).cpu())
+        guided = thresholded(classifier_free_guidance(model, chunk, scale), schedule, clip=1.0)
+        images.append(ddim_sample(guided, schedule, x_T, steps=steps).cpu())
     return torch.cat(images)
