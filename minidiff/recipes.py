@@ -11,6 +11,8 @@ Each recipe trains one model from scratch on the bundled MNIST digits, measures 
     noisy_classifier  p(y | x_t, t) on noised digits, for classifier guidance (lesson 09)
     attribute_judge   reads digit and colour per slot of a captioned scene (lesson 10)
     text_digits       the text-conditioned U-Net with its jointly trained text encoder (lesson 10)
+    autoencoder       the KL-regularised autoencoder of captioned scenes, 3×32×32 ↔ 4×8×8 (lesson 11)
+    latent_text_digits  the text-conditioned denoiser of the autoencoder's latents (lesson 11)
 """
 
 from __future__ import annotations
@@ -26,14 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from minidiff.attributes import AttributeJudge, CaptionReport, attribute_loss, caption_report, scene_targets
-from minidiff.data import HELDOUT_PAIRS, CaptionedDigits, load_mnist, random_shift
+from minidiff.data import load_mnist, random_shift
 from minidiff.metrics import judge_accuracy, judge_samples
 from minidiff.nets import DigitClassifier, UNet, UNetConfig
 from minidiff.runtime import budget, device, is_fast, seed_everything, standard_normal
 from minidiff.samplers import ddpm_sample
 from minidiff.schedules import NoiseSchedule
-from minidiff.text import TextConditionedUNet, sample_captions, scene_pool
 from minidiff.train import TrainResult, classifier_loss, conditional_ddpm_loss, ddpm_loss, fit
 from minidiff.weights import pretrained, save_weights
 
@@ -50,8 +50,9 @@ def _device_name(target: torch.device) -> str:
     return f"{target.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _card(name: str, result: TrainResult, batch_size: int, seed: int, metrics: dict[str, Any],
-          extra: dict[str, Any] | None = None, time_limit: float | None = None) -> dict[str, Any]:
+def recipe_card(name: str, result: TrainResult, batch_size: int, seed: int, metrics: dict[str, Any],
+                extra: dict[str, Any] | None = None, time_limit: float | None = None) -> dict[str, Any]:
+    """The weight card of a recipe's run: the command that reproduces it, its steps, time, device and metrics."""
     command = f"python -m minidiff.recipes {name}" + (" --fast" if is_fast() else "")
     command += f" --seed {seed}" if seed else ""
     command += f" --time-limit {time_limit:g}" if time_limit is not None else ""
@@ -64,8 +65,9 @@ def _card(name: str, result: TrainResult, batch_size: int, seed: int, metrics: d
             "data": "bundled MNIST-5k, train split (4,000 digits)", "metrics": metrics} | (extra or {})
 
 
-def _labelled_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-                      shift: int = 0) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+def random_pairs(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                 shift: int = 0) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A ``next_batch``: ``batch_size`` random (image, label) rows, images shifted by up to ``shift`` pixels."""
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(0, len(images), (batch_size,), generator=generator).to(images.device)
         chosen = images[index]
@@ -73,8 +75,8 @@ def _labelled_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: in
     return next_batch
 
 
-def _train(model: nn.Module, loss_fn: Callable[..., torch.Tensor], next_batch: Callable[[], Any], steps: int,
-           lr: float, warmup_steps: int, **options: Any) -> TrainResult:
+def recipe_fit(model: nn.Module, loss_fn: Callable[..., torch.Tensor], next_batch: Callable[[], Any], steps: int,
+               lr: float, warmup_steps: int, **options: Any) -> TrainResult:
     """What every recipe shares: AdamW with a warm-up and cosine decay, an EMA, and the GPU speed knobs."""
     return fit(model, loss_fn, next_batch, steps, lr=lr, warmup_steps=min(warmup_steps, steps // 5),
                cosine_decay=True, bf16=True, channels_last=True, **options)
@@ -91,13 +93,13 @@ def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | No
     images, labels = _mnist_on_device()
     steps = steps or budget(full=4000, fast=20)
     batch_size = budget(full=128, fast=16)
-    result = _train(DigitClassifier(), lambda net, batch: classifier_loss(net, *batch),
-                    _labelled_batches(images, labels, batch_size, generator, shift=2), steps, 2e-3, 200,
+    result = recipe_fit(DigitClassifier(), lambda net, batch: classifier_loss(net, *batch),
+                    random_pairs(images, labels, batch_size, generator, shift=2), steps, 2e-3, 200,
                     weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     judge = result.ema_model()
     metrics = {"heldout_accuracy": round(judge_accuracy(judge, *load_mnist("heldout")), 4),
                "train_accuracy": round(judge_accuracy(judge, *load_mnist("train")), 4)}
-    return save_weights(judge, out / "judge.safetensors", _card("judge", result, batch_size, seed, metrics,
+    return save_weights(judge, out / "judge.safetensors", recipe_card("judge", result, batch_size, seed, metrics,
                                                                  time_limit=time_limit))
 
 
@@ -120,13 +122,13 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
     schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=512, fast=8)
-    result = _train(UNet(MNIST_UNET), lambda net, x0: ddpm_loss(net, schedule, x0, generator),
+    result = recipe_fit(UNet(MNIST_UNET), lambda net, x0: ddpm_loss(net, schedule, x0, generator),
                     lambda: images[torch.randint(0, len(images), (batch_size,), generator=generator).to(target)],
                     steps, 5e-4, 500, ema_decay=0.9995, progress=progress, time_limit=time_limit)
     ema = result.ema_model()
     x_T = standard_normal((budget(full=1000, fast=4), 1, 28, 28), generator, target)
     samples = ddpm_sample(ema, schedule, x_T, generator=generator, progress=progress)
-    card = _card("mnist_ddpm", result, batch_size, seed, _diffusion_card_metrics(samples, judge),
+    card = recipe_card("mnist_ddpm", result, batch_size, seed, _diffusion_card_metrics(samples, judge),
                  {"schedule": MNIST_SCHEDULE, "weights": "EMA"}, time_limit)
     return save_weights(ema, out / "mnist_ddpm.safetensors", card)
 
@@ -140,9 +142,9 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
     schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=256, fast=8)
-    result = _train(UNet(MNIST_UNET, num_classes=10),
+    result = recipe_fit(UNet(MNIST_UNET, num_classes=10),
                     lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
-                    _labelled_batches(images, labels, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
+                    random_pairs(images, labels, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
                     progress=progress, time_limit=time_limit)
     ema = result.ema_model()
     count = budget(full=1000, fast=4)
@@ -151,7 +153,7 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
     samples = ddpm_sample(lambda x, t: ema(x, t, requested), schedule, x_T, generator=generator, progress=progress)
     metrics = {"conditional_accuracy_no_guidance": round(judge_accuracy(judge, samples, requested), 4),
                "samples": count, "label_dropout": 0.1}
-    card = _card("mnist_cond", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
+    card = recipe_card("mnist_cond", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
                  time_limit)
     return save_weights(ema, out / "mnist_cond.safetensors", card)
 
@@ -165,9 +167,9 @@ def train_noisy_classifier(out: Path, seed: int = 0, progress: bool = True, step
     schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
     steps = steps or budget(full=3000, fast=20)
     batch_size = budget(full=256, fast=16)
-    result = _train(DigitClassifier(time_conditional=True),
+    result = recipe_fit(DigitClassifier(time_conditional=True),
                     lambda net, batch: classifier_loss(net, *batch, schedule, generator),
-                    _labelled_batches(images, labels, batch_size, generator, shift=1), steps, 2e-3, 200,
+                    random_pairs(images, labels, batch_size, generator, shift=1), steps, 2e-3, 200,
                     weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     classifier = result.ema_model()
     heldout, heldout_labels = _mnist_on_device("heldout")
@@ -178,120 +180,43 @@ def train_noisy_classifier(out: Path, seed: int = 0, progress: bool = True, step
             noisy = schedule.q_sample(heldout, timesteps, standard_normal(heldout.shape, generator, target))
             predicted = classifier(noisy, timesteps).argmax(dim=1)
             accuracy[f"heldout_accuracy_t{t}"] = round((predicted == heldout_labels).float().mean().item(), 4)
-    card = _card("noisy_classifier", result, batch_size, seed, accuracy, {"schedule": MNIST_SCHEDULE}, time_limit)
+    card = recipe_card("noisy_classifier", result, batch_size, seed, accuracy, {"schedule": MNIST_SCHEDULE}, time_limit)
     return save_weights(classifier, out / "noisy_classifier.safetensors", card)
-
-
-#: The forward process of the captioned-digit model (lesson 10): the cosine schedule, kind to 32×32 colour images.
-TEXT_SCHEDULE: dict[str, Any] = {"kind": "cosine", "T": 1000}
-#: The guidance scale and DDIM steps at which the text model's card reports its figures.
-TEXT_EVAL = {"scale": 3.0, "steps": 50}
-
-
-def train_attribute_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
-                          time_limit: float | None = None) -> dict[str, Any]:
-    """The attribute judge of lesson 10, on fresh captioned scenes of every (digit, colour) pair."""
-    generator = seed_everything(seed)
-    data = CaptionedDigits("train", exclude_heldout_pairs=False)
-    steps = steps or budget(full=3000, fast=10)
-    batch_size = budget(full=256, fast=16)
-
-    def next_batch() -> tuple[torch.Tensor, ...]:
-        images, _, scenes = data.batch(batch_size, generator)
-        return (images, *scene_targets(scenes))
-
-    result = _train(AttributeJudge(), lambda net, batch: attribute_loss(net, *batch), next_batch, steps, 2e-3, 200,
-                    weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
-    judge = result.ema_model()
-    heldout = CaptionedDigits("heldout", exclude_heldout_pairs=False)
-    images, _, scenes = heldout.batch(budget(full=2000, fast=16), generator)
-    report = caption_report(judge, images, scenes)
-    print("the judge on real held-out scenes:", report)
-    metrics = {"real_caption_accuracy": round(report.caption_accuracy, 4),
-               "real_digit_accuracy": round(report.digit_accuracy, 4),
-               "real_colour_accuracy": round(report.colour_accuracy, 4), "scenes": report.count}
-    card = _card("attribute_judge", result, batch_size, seed, metrics, {"data": CAPTIONED_DATA}, time_limit)
-    return save_weights(judge, out / "attribute_judge.safetensors", card)
-
-
-CAPTIONED_DATA = "captioned colour scenes of bundled MNIST train digits (minidiff.data.CaptionedDigits)"
-
-
-def evaluate_text_model(model: TextConditionedUNet, judge: nn.Module, count: int, generator: torch.Generator,
-                        scale: float = TEXT_EVAL["scale"], steps: int = TEXT_EVAL["steps"],
-                        progress: bool = False) -> dict[str, CaptionReport]:
-    """The text model's prompt-following on fresh captions: one object, two objects, and unseen pairs."""
-    schedule = NoiseSchedule.from_spec(TEXT_SCHEDULE)
-    reports = {}
-    for name, share, unseen in (("one_object", 0.0, False), ("two_objects", 1.0, False), ("unseen_pairs", 0.0, True)):
-        source = CaptionedDigits("heldout", two_object_share=share, exclude_heldout_pairs=False)
-        scenes = [scene for scene in source.sample_scenes(8 * count, generator)
-                  if unseen == any((o.digit, o.colour) in HELDOUT_PAIRS for o in scene.objects)][:count]
-        images = sample_captions(model, schedule, [scene.caption() for scene in scenes], scale, steps, generator,
-                                 progress=progress)
-        reports[name] = caption_report(judge, images, scenes)
-        print(f"{name} at scale {scale}, {steps} DDIM steps:", reports[name])
-    return reports
-
-
-def train_text_digits(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
-                      judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
-    """The text-conditioned U-Net of lesson 10: encoder and denoiser trained jointly, caption dropout 0.1."""
-    judge = pretrained("attribute_judge", directory=judge_directory)  # before training: a missing judge fails fast
-    generator = seed_everything(seed)
-    schedule = NoiseSchedule.from_spec(TEXT_SCHEDULE)
-    steps = steps or budget(full=5000, fast=10)
-    batch_size = budget(full=512, fast=8)
-    # A pool of pre-rendered scenes keeps the GPU busy (drawing 512 scenes in Python each step would starve it);
-    # 200,000 scenes are more than a network of 2M parameters can memorise in 5,000 steps.
-    images, tokens = scene_pool(CaptionedDigits("train"), budget(full=200_000, fast=64), generator, device())
-    result = _train(TextConditionedUNet(), lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1,
-                                                                                     generator),
-                    _labelled_batches(images, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
-                    progress=progress, time_limit=time_limit)
-    model = result.ema_model()
-    card = _card("text_digits", result, batch_size, seed, text_model_metrics(model, judge, generator, progress),
-                 {"schedule": TEXT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA}, time_limit)
-    return save_weights(model, out / "text_digits.safetensors", card)
-
-
-def text_model_metrics(model: TextConditionedUNet, judge: nn.Module, generator: torch.Generator,
-                       progress: bool = False) -> dict[str, Any]:
-    """The figures a text model's card records: :func:`evaluate_text_model` at :data:`TEXT_EVAL`, flattened."""
-    reports = evaluate_text_model(model, judge, budget(full=500, fast=4), generator, progress=progress)
-    metrics = {f"{name}_{figure}": round(getattr(report, figure), 4) for name, report in reports.items()
-               for figure in ("caption_accuracy", "digit_accuracy", "colour_accuracy", "binding_accuracy", "swap_rate")
-               if getattr(report, figure) == getattr(report, figure)}  # NaN (not asked) is left out
-    return metrics | {"samples_per_kind": reports["one_object"].count, "label_dropout": 0.1,
-                      "sampler": "DDIM eta=0, trailing, x0 clipped to [-1, 1]"} | TEXT_EVAL
 
 
 RECIPES: dict[str, Callable[..., dict[str, Any]]] = {
     "judge": train_judge, "mnist_ddpm": train_mnist_ddpm, "mnist_cond": train_mnist_cond,
-    "noisy_classifier": train_noisy_classifier, "attribute_judge": train_attribute_judge,
-    "text_digits": train_text_digits}
+    "noisy_classifier": train_noisy_classifier}
+
+
+def all_recipes() -> dict[str, Callable[..., dict[str, Any]]]:
+    """Every recipe by name: the MNIST ones here and the captioned-scene ones of :mod:`minidiff.text_recipes`."""
+    from minidiff.text_recipes import TEXT_RECIPES  # imported here: text_recipes builds on this module
+
+    return RECIPES | TEXT_RECIPES
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: train one recipe and write its weights and card."""
     parser = argparse.ArgumentParser(prog="python -m minidiff.recipes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("name", choices=sorted(all_recipes()))
     parser.add_argument("--out", type=Path, default=Path("recipe_outputs"), help="folder for NAME.safetensors/.json")
     parser.add_argument("--fast", action="store_true", help="smoke-test sizes (same as MINIDIFF_FAST=1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     parser.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     parser.add_argument("--judge-dir", type=Path, default=None,
-                        help="load the judge from this folder instead of the shipped one")
+                        help="load the judges (and, for latent_text_digits, the autoencoder) from this folder "
+                             "instead of the shipped ones")
     args = parser.parse_args(argv)
     if args.fast:
         os.environ["MINIDIFF_FAST"] = "1"
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     start = time.perf_counter()
-    options = {} if args.name in ("judge", "attribute_judge") else {"judge_directory": args.judge_dir}
-    card = RECIPES[args.name](args.out, seed=args.seed, steps=args.steps, time_limit=args.time_limit, **options)
+    options = {} if args.name in ("judge", "attribute_judge", "autoencoder") else {"judge_directory": args.judge_dir}
+    card = all_recipes()[args.name](args.out, seed=args.seed, steps=args.steps, time_limit=args.time_limit, **options)
     print(f"{args.name}: wrote {args.out / (args.name + '.safetensors')} in {time.perf_counter() - start:.0f} s; "
           f"metrics {card['metrics']}")
     return card

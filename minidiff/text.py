@@ -40,7 +40,6 @@ VOCABULARY: tuple[str, ...] = (PAD, NULL, START, "a", "and", "on", "the", *POSIT
                                *(str(digit) for digit in range(10)))
 WORD_IDS = {word: index for index, word in enumerate(VOCABULARY)}
 MAX_TOKENS = 16
-TEXT_IMAGE_SHAPE = (3, 32, 32)
 
 
 def tokenize(captions: str | Sequence[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
@@ -246,22 +245,26 @@ def scene_pool(data: Any, count: int, generator: torch.Generator | None = None,
 @torch.no_grad()
 def sample_captions(model: TextConditionedUNet, schedule: NoiseSchedule, captions: Sequence[str], scale: float = 3.0,
                     steps: int = 50, generator: torch.Generator | None = None, batch_size: int = 250,
-                    progress: bool = False) -> torch.Tensor:
-    """Images [N, 3, 32, 32] for ``captions``: tokens → classifier-free guidance at ``scale`` → x̂_0 clipped to
-    [−1, 1] → DDIM (η = 0).
+                    clip_x0: float | None = 1.0, progress: bool = False) -> torch.Tensor:
+    """Samples for ``captions``: tokens → classifier-free guidance at ``scale`` → x̂_0 clipped to [−clip_x0, clip_x0]
+    → DDIM (η = 0). The shape is the model's input shape ([N, 3, 32, 32] for lesson 10's pixel model).
 
     Lesson 09's guidance wrapper and lesson 08's sampler and clipping wrapper, unchanged: the caption tokens take
-    the place of the class labels. The clipping is not cosmetic here: the clipped cosine schedule ends at
+    the place of the class labels. The clipping is not cosmetic for pixels: the clipped cosine schedule ends at
     ᾱ_T ≈ 2.4·10⁻⁹, so at the first step x̂_0 = (x_T − √(1 − ᾱ_T) ε̂)/√ᾱ_T multiplies the network's error by
-    1/√ᾱ_T ≈ 2·10⁴, and without clipping the samples blow up to values in the thousands. The starting noise
-    comes from ``generator`` (on the CPU), so a seed fixes the images.
+    1/√ᾱ_T ≈ 2·10⁴, and without clipping the samples blow up to values in the thousands (``clip_x0=None`` turns it
+    off, e.g. for latents, which have no fixed range). The starting noise comes from ``generator`` (on the CPU),
+    so a seed fixes the images.
     """
     where = next(model.parameters()).device
     tokens = tokenize(list(captions), model.config.encoder.max_tokens).to(where)
+    shape = (model.config.unet.in_channels, model.config.unet.image_size, model.config.unet.image_size)
     images = []
     for start in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="sampling captions", leave=False):
         chunk = tokens[start:start + batch_size]
-        x_T = standard_normal((len(chunk), *TEXT_IMAGE_SHAPE), generator, where)
-        guided = thresholded(classifier_free_guidance(model, chunk, scale), schedule, clip=1.0)
+        x_T = standard_normal((len(chunk), *shape), generator, where)
+        guided = classifier_free_guidance(model, chunk, scale)
+        if clip_x0 is not None:
+            guided = thresholded(guided, schedule, clip=clip_x0)
         images.append(ddim_sample(guided, schedule, x_T, steps=steps).cpu())
     return torch.cat(images)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minidiff.attributes import AttributeJudge, AttributeJudgeConfig
+from minidiff.autoencoder import Autoencoder, AutoencoderConfig
 from minidiff.nets import DigitClassifier, DigitClassifierConfig, UNet, UNetConfig
 from minidiff.runtime import device as default_device
 from minidiff.schedules import NoiseSchedule
@@ -34,7 +35,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "pretrained_weights"
 MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {
     "UNet": (UNet, UNetConfig), "DigitClassifier": (DigitClassifier, DigitClassifierConfig),
     "AttributeJudge": (AttributeJudge, AttributeJudgeConfig),
-    "TextConditionedUNet": (TextConditionedUNet, TextUNetConfig)}
+    "TextConditionedUNet": (TextConditionedUNet, TextUNetConfig), "Autoencoder": (Autoencoder, AutoencoderConfig)}
 
 
 def file_sha256(path: str | Path) -> str:

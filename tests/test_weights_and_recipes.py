@@ -23,7 +23,7 @@ from minidiff.weights import (
     schedule_from_card,
 )
 
-SHIPPED = ("judge", "mnist_ddpm", "mnist_cond", "noisy_classifier")
+SHIPPED = ("judge", "mnist_ddpm", "mnist_cond", "noisy_classifier", "attribute_judge", "text_digits")
 
 
 def test_save_and_load_round_trip_without_leftovers(tmp_path) -> None:
@@ -80,7 +80,7 @@ def test_bad_arguments_are_named() -> None:
 def test_shipped_weights_have_complete_cards_and_fit_the_size_budget() -> None:
     assert set(SHIPPED) <= set(available())
     total = sum(path.stat().st_size for path in WEIGHTS_DIR.glob("*.safetensors"))
-    assert total <= 20 * 2**20, f"shipped weights take {total / 2**20:.1f} MiB, over the 20 MB budget"
+    assert total <= 30 * 2**20, f"shipped weights take {total / 2**20:.1f} MiB, over the 30 MB budget"
     for name in SHIPPED:
         card = load_card(name)
         for key in ("recipe", "steps", "train_seconds", "device", "metrics", "sha256", "model", "seed"):
@@ -121,7 +121,7 @@ def test_recipe_command_line_in_fast_mode(tmp_path) -> None:
     assert pretrained("judge", device="cpu", directory=tmp_path).card == card
 
 
-@pytest.mark.parametrize("name", ["mnist_ddpm", "mnist_cond", "noisy_classifier"])
+@pytest.mark.parametrize("name", ["mnist_ddpm", "mnist_cond", "noisy_classifier", "attribute_judge", "text_digits"])
 def test_every_recipe_runs_in_fast_mode(tmp_path, name: str) -> None:
     card = recipes.RECIPES[name](tmp_path, progress=False)
     assert card["fast_mode"] and (tmp_path / f"{name}.safetensors").exists()
