@@ -55,7 +55,8 @@ def recipe_card(name: str, result: TrainResult, batch_size: int, seed: int, metr
     """The weight card of a recipe's run: the command that reproduces it, its steps, time, device and metrics."""
     command = f"python -m minidiff.recipes {name}" + (" --fast" if is_fast() else "")
     command += f" --seed {seed}" if seed else ""
-    command += f" --time-limit {time_limit:g}" if time_limit is not None else ""
+    # a time limit that was not reached changes nothing: only one that stopped the run belongs to its command
+    command += f" --time-limit {time_limit:g}" if time_limit is not None and result.timed_out else ""
     return {"name": name, "recipe": command,
             "seed": seed, "fast_mode": is_fast(), "steps": result.steps, "batch_size": batch_size,
             "train_seconds": round(result.seconds, 1),

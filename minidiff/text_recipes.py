@@ -140,7 +140,7 @@ def train_autoencoder(out: Path, seed: int = 0, progress: bool = True, steps: in
                       time_limit: float | None = None) -> dict[str, Any]:
     """The first stage of latent diffusion: L1 reconstruction + 10⁻³ · KL, then the latent scale from data."""
     generator = seed_everything(seed)
-    steps = steps or budget(full=6000, fast=10)
+    steps = steps or budget(full=4000, fast=10)
     batch_size = budget(full=256, fast=8)
     images, _ = scene_pool(CaptionedDigits("train", exclude_heldout_pairs=False), budget(full=100_000, fast=64),
                            generator, device())

@@ -23,7 +23,8 @@ from minidiff.weights import (
     schedule_from_card,
 )
 
-SHIPPED = ("judge", "mnist_ddpm", "mnist_cond", "noisy_classifier", "attribute_judge", "text_digits")
+SHIPPED = ("judge", "mnist_ddpm", "mnist_cond", "noisy_classifier", "attribute_judge", "text_digits", "autoencoder",
+           "latent_text_digits")
 
 
 def test_save_and_load_round_trip_without_leftovers(tmp_path) -> None:
@@ -121,9 +122,10 @@ def test_recipe_command_line_in_fast_mode(tmp_path) -> None:
     assert pretrained("judge", device="cpu", directory=tmp_path).card == card
 
 
-@pytest.mark.parametrize("name", ["mnist_ddpm", "mnist_cond", "noisy_classifier", "attribute_judge", "text_digits"])
+@pytest.mark.parametrize("name", ["mnist_ddpm", "mnist_cond", "noisy_classifier", "attribute_judge", "text_digits",
+                                  "autoencoder", "latent_text_digits"])
 def test_every_recipe_runs_in_fast_mode(tmp_path, name: str) -> None:
-    card = recipes.RECIPES[name](tmp_path, progress=False)
+    card = recipes.all_recipes()[name](tmp_path, progress=False)
     assert card["fast_mode"] and (tmp_path / f"{name}.safetensors").exists()
     assert pretrained(name, device="cpu", directory=tmp_path).card["sha256"] == card["sha256"]
 
