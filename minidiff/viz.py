@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from minidiff.contracts import LevelScore
+
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
     """Tile [N, C, H, W] images in [-1, 1] into one [rows·H, nrow·W] (or ·3) array in [0, 1] for imshow."""
@@ -77,7 +79,7 @@ def slider(draw: Callable[[int], None], values: Sequence[int], name: str = "t") 
                                                                     description=name)})
 
 
-def score_field(score: Callable[[torch.Tensor], torch.Tensor], ax: plt.Axes | None = None, lim: float = 3.0,
+def score_field(score: LevelScore, ax: plt.Axes | None = None, lim: float = 3.0,
                 resolution: int = 21, title: str | None = None, **kwargs: object) -> plt.Axes:
     """Draw a score field ∇ log p as arrows on a grid (arrow lengths normalised per plot; colour = magnitude)."""
     ax = ax or plt.figure(figsize=(4, 4)).gca()
