@@ -95,13 +95,13 @@ def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | No
     steps = steps or budget(full=4000, fast=20)
     batch_size = budget(full=128, fast=16)
     result = recipe_fit(DigitClassifier(), lambda net, batch: classifier_loss(net, *batch),
-                    random_pairs(images, labels, batch_size, generator, shift=2), steps, 2e-3, 200,
-                    weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
+                        random_pairs(images, labels, batch_size, generator, shift=2), steps, 2e-3, 200,
+                        weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     judge = result.ema_model()
     metrics = {"heldout_accuracy": round(judge_accuracy(judge, *load_mnist("heldout")), 4),
                "train_accuracy": round(judge_accuracy(judge, *load_mnist("train")), 4)}
     return save_weights(judge, out / "judge.safetensors", recipe_card("judge", result, batch_size, seed, metrics,
-                                                                 time_limit=time_limit))
+                                                                      time_limit=time_limit))
 
 
 def _diffusion_card_metrics(samples: torch.Tensor, judge: nn.Module) -> dict[str, Any]:
@@ -124,13 +124,13 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=512, fast=8)
     result = recipe_fit(UNet(MNIST_UNET), lambda net, x0: ddpm_loss(net, schedule, x0, generator),
-                    lambda: images[torch.randint(0, len(images), (batch_size,), generator=generator).to(target)],
-                    steps, 5e-4, 500, ema_decay=0.9995, progress=progress, time_limit=time_limit)
+                        lambda: images[torch.randint(0, len(images), (batch_size,), generator=generator).to(target)],
+                        steps, 5e-4, 500, ema_decay=0.9995, progress=progress, time_limit=time_limit)
     ema = result.ema_model()
     x_T = standard_normal((budget(full=1000, fast=4), 1, 28, 28), generator, target)
     samples = ddpm_sample(ema, schedule, x_T, generator=generator, progress=progress)
     card = recipe_card("mnist_ddpm", result, batch_size, seed, _diffusion_card_metrics(samples, judge),
-                 {"schedule": MNIST_SCHEDULE, "weights": "EMA"}, time_limit)
+                       {"schedule": MNIST_SCHEDULE, "weights": "EMA"}, time_limit)
     return save_weights(ema, out / "mnist_ddpm.safetensors", card)
 
 
@@ -144,9 +144,9 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=256, fast=8)
     result = recipe_fit(UNet(MNIST_UNET, num_classes=10),
-                    lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
-                    random_pairs(images, labels, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
-                    progress=progress, time_limit=time_limit)
+                        lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
+                        random_pairs(images, labels, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
+                        progress=progress, time_limit=time_limit)
     ema = result.ema_model()
     count = budget(full=1000, fast=4)
     requested = torch.arange(count, device=target) % 10
@@ -155,7 +155,7 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
     metrics = {"conditional_accuracy_no_guidance": round(judge_accuracy(judge, samples, requested), 4),
                "samples": count, "label_dropout": 0.1}
     card = recipe_card("mnist_cond", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
-                 time_limit)
+                       time_limit)
     return save_weights(ema, out / "mnist_cond.safetensors", card)
 
 
@@ -169,9 +169,9 @@ def train_noisy_classifier(out: Path, seed: int = 0, progress: bool = True, step
     steps = steps or budget(full=3000, fast=20)
     batch_size = budget(full=256, fast=16)
     result = recipe_fit(DigitClassifier(time_conditional=True),
-                    lambda net, batch: classifier_loss(net, *batch, schedule, generator),
-                    random_pairs(images, labels, batch_size, generator, shift=1), steps, 2e-3, 200,
-                    weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
+                        lambda net, batch: classifier_loss(net, *batch, schedule, generator),
+                        random_pairs(images, labels, batch_size, generator, shift=1), steps, 2e-3, 200,
+                        weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     classifier = result.ema_model()
     heldout, heldout_labels = _mnist_on_device("heldout")
     accuracy = {}

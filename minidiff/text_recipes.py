@@ -53,7 +53,7 @@ def train_attribute_judge(out: Path, seed: int = 0, progress: bool = True, steps
         return tuple(tensor[index] for tensor in pool)
 
     result = recipe_fit(AttributeJudge(), lambda net, batch: attribute_loss(net, *batch), next_batch, steps, 2e-3, 200,
-                    weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
+                        weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     judge = result.ema_model()
     heldout = CaptionedDigits("heldout", exclude_heldout_pairs=False)
     images, _, scenes = heldout.batch(budget(full=2000, fast=16), generator)
@@ -102,13 +102,15 @@ def train_text_digits(out: Path, seed: int = 0, progress: bool = True, steps: in
     # A pool of pre-rendered scenes keeps the GPU busy (drawing 512 scenes in Python each step would starve it);
     # 200,000 scenes are more than a network of 2M parameters can memorise in 5,000 steps.
     images, tokens = scene_pool(CaptionedDigits("train"), budget(full=200_000, fast=64), generator, device())
-    result = recipe_fit(TextConditionedUNet(), lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1,
-                                                                                     generator),
-                    random_pairs(images, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
-                    progress=progress, time_limit=time_limit)
+    def loss(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return conditional_ddpm_loss(net, schedule, *batch, 0.1, generator)  # caption dropout 0.1
+
+    result = recipe_fit(TextConditionedUNet(), loss,
+                        random_pairs(images, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
+                        progress=progress, time_limit=time_limit)
     model = result.ema_model()
     card = recipe_card("text_digits", result, batch_size, seed, text_model_metrics(model, judge, generator, progress),
-                 {"schedule": TEXT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA}, time_limit)
+                       {"schedule": TEXT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA}, time_limit)
     return save_weights(model, out / "text_digits.safetensors", card)
 
 
@@ -195,7 +197,7 @@ def train_latent_text_digits(out: Path, seed: int = 0, progress: bool = True, st
     metrics |= {"label_dropout": 0.1, "sampler": "DDIM eta=0, trailing, then the autoencoder's decoder", **LATENT_EVAL}
     card = recipe_card("latent_text_digits", result, batch_size, seed, metrics,
                        {"schedule": LATENT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA,
-                        "autoencoder_sha256": autoencoder.card["sha256"]}, time_limit)
+                       "autoencoder_sha256": autoencoder.card["sha256"]}, time_limit)
     return save_weights(model, out / "latent_text_digits.safetensors", card)
 
 
