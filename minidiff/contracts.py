@@ -100,7 +100,8 @@ def eps_from_velocity(velocity_model: VelocityModel, schedule: NoiseSchedule) ->
 
 def per_timestep(x: torch.Tensor, timesteps: torch.Tensor,
                  value_at: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``value_at(t, rows)`` for each distinct integer timestep t of the batch, reassembled in batch order.
+    """``value_at(t, rows)`` for each distinct integer timestep t of the batch, reassembled in batch order
+    (one row per example; the rows may have any shape, e.g. class logits).
 
     The exact oracles describe one marginal q_t at a time; samplers call them with one t per batch, so this
     loop usually runs once. Real-valued timesteps are refused: an oracle has no q_t between the schedule's steps.
@@ -109,8 +110,11 @@ def per_timestep(x: torch.Tensor, timesteps: torch.Tensor,
         if not torch.equal(timesteps, timesteps.round()):
             raise ValueError("this model is exact only at the schedule's integer timesteps; got real-valued ones")
         timesteps = timesteps.long()
-    out = torch.empty_like(x)
+    out = None
     for value in torch.unique(timesteps):
         rows = timesteps == value
-        out[rows] = value_at(int(value), x[rows]).to(x.dtype)
+        result = value_at(int(value), x[rows]).to(x.dtype)
+        if out is None:  # the first result gives the output's shape: like x for ε or a score, [B, K] for logits
+            out = x.new_empty((x.shape[0], *result.shape[1:]))
+        out[rows] = result
     return out

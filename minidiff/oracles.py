@@ -85,12 +85,10 @@ def mixture_noisy_classifier(mixture: GaussianMixture, component_labels: torch.T
     membership = torch.nn.functional.one_hot(component_labels, num_classes).double()  # [K, classes]
 
     def log_posterior(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(x.shape[0], num_classes)
-        for t in torch.unique(timesteps):  # samplers use one t per call; loop over distinct values otherwise
-            rows = timesteps == t
-            responsibilities = noised_mixture(mixture, schedule, int(t)).responsibilities(x[rows]).double()
-            out[rows] = (responsibilities @ membership.to(x.device)).clamp_min(1e-300).log().to(x.dtype)
-        return out
+        def at(t: int, rows: torch.Tensor) -> torch.Tensor:
+            responsibilities = noised_mixture(mixture, schedule, t).responsibilities(rows).double()
+            return (responsibilities @ membership.to(x.device)).clamp_min(1e-300).log()
+        return per_timestep(x, timesteps, at)
 
     return log_posterior
 

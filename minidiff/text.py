@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -166,10 +166,6 @@ class TextUNetConfig:
         object.__setattr__(self, "encoder", encoder)
         object.__setattr__(self, "unet", replace(unet, context_dim=encoder.dim, num_classes=None))
 
-    def to_dict(self) -> dict[str, Any]:
-        """The nested config as plain data for a weight card."""
-        return asdict(self)
-
 
 class TextConditionedUNet(nn.Module):
     """ε_θ(x_t, t, caption): a :class:`TextEncoder` whose word vectors the U-Net's cross-attention reads.
@@ -221,14 +217,6 @@ def cross_attention_maps(model: TextConditionedUNet, x_t: torch.Tensor, t: torch
         for handle in handles:
             handle.remove()
     return maps
-
-
-def caption_batches(data: Any, batch_size: int, generator: torch.Generator | None = None) -> Any:
-    """A ``next_batch`` for ``fit``: fresh scenes from ``data`` (a CaptionedDigits) as (images, token ids)."""
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        images, captions, _ = data.batch(batch_size, generator)
-        return images, tokenize(captions)
-    return next_batch
 
 
 def scene_pool(data: Any, count: int, generator: torch.Generator | None = None,
