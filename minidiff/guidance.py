@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minidiff.contracts import EpsModel, NoisyClassifier
+from minidiff.runtime import check_number
 from minidiff.schedules import NoiseSchedule
 
 
@@ -56,8 +57,7 @@ def classifier_free_guidance(model: nn.Module, labels: torch.Tensor | int, scale
     a text-conditioned model (lesson 10), whose null caption is a row of ``null_class``. Both predictions come
     from one batched call.
     """
-    if scale < 0:
-        raise ValueError(f"scale must be >= 0 (0: unconditional, 1: conditional), got {scale}")
+    check_number("scale", scale, 0.0)  # 0: unconditional, 1: conditional
     null_class = getattr(model, "null_class", None)
     if null_class is None:
         raise ValueError("classifier-free guidance needs a model with a null class (UNet(num_classes=...))")
@@ -89,8 +89,7 @@ def classifier_guidance(eps_model: EpsModel, classifier: NoisyClassifier, schedu
     ``classifier(x_t, t)`` must be trained on *noisy* inputs (lesson 09, §2): its gradient at x_t is only
     meaningful where it has seen data. The minus sign comes from ε = −√(1 − ᾱ_t) × score.
     """
-    if scale < 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
+    check_number("scale", scale, 0.0)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         y = _check_labels(labels, x.shape[0], x.device)

@@ -106,3 +106,23 @@ def standard_normal(shape: tuple[int, ...], generator: torch.Generator | None = 
     numbers whatever the target device.
     """
     return randn_like(torch.empty(shape, dtype=dtype, device=device or "cpu"), generator)
+
+
+def check_number(name: str, value: float, minimum: float | None = None, *, above: bool = False,
+                 maximum: float | None = None) -> float:
+    """Return ``value`` as a float after checking that it is a finite real number in range, or raise a ValueError
+    naming ``name``.
+
+    One helper for every numeric argument whose wrong value would mislead rather than crash: ``x < 0`` lets NaN
+    through (every comparison with NaN is False), this does not. ``above=True`` makes ``minimum`` strict.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        raise ValueError(f"{name} must be {'>' if above else '>='} {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum:g}, got {value:g}")
+    return value

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from minidiff.contracts import EpsModel
 from minidiff.elbo import model_mean_variance
-from minidiff.runtime import randn_like
+from minidiff.runtime import check_number, randn_like
 from minidiff.schedules import NoiseSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -169,8 +169,7 @@ def ddim_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor,
                 eta: float = 0.0, spacing: str = "trailing", generator: torch.Generator | None = None,
                 callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
     """DDIM: :func:`ddim_step` over the pairs of :func:`timestep_sequence`, with ᾱ_0 = 1 at the last step."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    check_number("eta", eta, 0.0)  # 0: deterministic DDIM, 1: DDPM-like
     x = _start(x_T)
     for i, (t, t_next) in _pairs(schedule, steps, spacing, f"DDIM η={eta}", progress):
         eps = eps_model(x, _timesteps(x, t)).to(x.dtype)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minidiff.contracts import EpsModel, LevelScore, SigmaScore
-from minidiff.runtime import randn_like
+from minidiff.runtime import check_number, randn_like
 
 
 def gaussian_score(x: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float) -> torch.Tensor:
@@ -82,8 +82,9 @@ def langevin(score_fn: LevelScore, x_init: torch.Tensor, step_size: float, steps
 
     For small η and many steps the iterates follow p. ``x_init`` is not modified.
     """
-    if step_size <= 0 or steps < 0:
-        raise ValueError(f"need step_size > 0 and steps >= 0, got {step_size}, {steps}")
+    check_number("step_size", step_size, 0.0, above=True)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     x = x_init.clone()
     for _ in range(steps):
         z = randn_like(x, generator)

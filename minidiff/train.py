@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minidiff.contracts import EpsModel
+from minidiff.runtime import check_number, randn_like
 from minidiff.runtime import device as default_device
-from minidiff.runtime import randn_like
 from minidiff.schedules import NoiseSchedule
 
 Batch = Any
@@ -141,7 +141,7 @@ def _checked_loss_value(loss: torch.Tensor, step: int, lr: float) -> float:
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], next_batch: Callable[[], Batch],
         steps: int, lr: float = 1e-3, weight_decay: float = 0.0, ema_decay: float | None = 0.999,
-        grad_clip: float | None = 1.0, device: torch.device | None = None, bf16: bool = False,
+        grad_clip: float | None = 1.0, device: torch.device | str | None = None, bf16: bool = False,
         progress: bool = True, warmup_steps: int = 0, cosine_decay: bool = False,
         result: TrainResult | None = None, channels_last: bool = False,
         time_limit: float | None = None, callback: Callable[[TrainResult], None] | None = None,
@@ -165,9 +165,15 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    speed = SpeedSettings(device or default_device(), bf16, channels_last)
+    check_number("lr", lr, 0.0, above=True)
+    check_number("weight_decay", weight_decay, 0.0)
+    if grad_clip is not None:  # 0 would zero every update and a negative norm would flip it: refuse both
+        check_number("grad_clip", grad_clip, 0.0, above=True)
+    if time_limit is not None:
+        check_number("time_limit", time_limit, 0.0, above=True)
+    if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
+        raise ValueError(f"callback_every must be an int >= 1, got {callback_every!r}")
+    speed = SpeedSettings(torch.device(device) if device is not None else default_device(), bf16, channels_last)
     optimizer = speed.prepare(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, cosine_decay))
@@ -230,8 +236,10 @@ def ddpm_loss(model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor,
 def random_rows(data: torch.Tensor, batch_size: int,
                 generator: torch.Generator | None = None) -> Callable[[], torch.Tensor]:
     """A ``next_batch`` for ``fit``: each call returns ``batch_size`` rows of ``data`` drawn with replacement."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if len(data) == 0:
+        raise ValueError("data is empty: there are no rows to draw batches from")
 
     def next_batch() -> torch.Tensor:
         index = torch.randint(0, data.shape[0], (batch_size,), generator=generator)

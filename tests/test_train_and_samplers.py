@@ -109,6 +109,40 @@ def test_fit_rejects_bad_arguments() -> None:
         fit(nn.Linear(1, 1), lambda m, x: x, lambda: 0, steps=-1, progress=False)
     with pytest.raises(ValueError, match="lr"):
         fit(nn.Linear(1, 1), lambda m, x: x, lambda: 0, steps=1, lr=0.0, progress=False)
+    # values that used to pass a "< 0" check and then mislead: NaN, a zero or negative clipping norm, ...
+    for options, name in (({"lr": float("nan")}, "lr must be finite"), ({"grad_clip": 0.0}, "grad_clip"),
+                          ({"grad_clip": -1.0}, "grad_clip"), ({"weight_decay": float("nan")}, "weight_decay"),
+                          ({"time_limit": float("nan")}, "time_limit"), ({"callback_every": 0}, "callback_every"),
+                          ({"lr": True}, "lr must be a real number")):
+        with pytest.raises(ValueError, match=name):
+            fit(nn.Linear(1, 1), lambda m, x: x, lambda: 0, steps=1, progress=False, **options)
+    with pytest.raises(ValueError, match="batch_size must be an int"):
+        random_rows(torch.zeros(4, 2), 2.0)
+    with pytest.raises(ValueError, match="data is empty"):
+        random_rows(torch.zeros(0, 2), 2)
+
+
+def test_fit_accepts_a_device_name() -> None:
+    model = nn.Linear(2, 1)
+    result = fit(model, lambda m, x: (m(x) ** 2).mean(), random_rows(torch.randn(8, 2), 4), steps=2, device="cpu",
+                 progress=False)
+    assert result.steps == 2
+
+
+def test_nan_settings_are_refused_by_samplers_guidance_and_langevin() -> None:
+    from minidiff.guidance import classifier_free_guidance
+    from minidiff.samplers import ddim_sample
+    from minidiff.score import langevin
+
+    schedule = NoiseSchedule.linear(10)
+    with pytest.raises(ValueError, match="eta must be finite"):
+        ddim_sample(lambda x, t: x, schedule, torch.zeros(2, 2), steps=2, eta=float("nan"))
+    model = nn.Linear(1, 1)
+    model.null_class = 0
+    with pytest.raises(ValueError, match="scale must be finite"):
+        classifier_free_guidance(model, 1, float("nan"))
+    with pytest.raises(ValueError, match="step_size must be finite"):
+        langevin(lambda x: -x, torch.zeros(2, 2), float("nan"), 10)
 
 
 def test_ancestral_sampler_with_the_exact_eps_samples_the_mixture() -> None:
