@@ -46,9 +46,14 @@ def _start(x_T: torch.Tensor) -> torch.Tensor:
     return x_T
 
 
-def _report(callback: Callback | None, i: int, t: int, t_next: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+def _report(callback: Callback | None, schedule: NoiseSchedule, i: int, t: int, t_next: int, x_t: torch.Tensor,
+            eps: torch.Tensor, x: torch.Tensor) -> None:
+    """Call ``callback`` with the state after a step from ``x_t`` (where the model said ``eps``) to ``x``.
+
+    x̂_0 is computed here, only when there is a callback, so that sampling without one does no extra work.
+    """
     if callback is not None:
-        callback({"i": i, "t": t, "t_next": t_next, "x": x, "x0": x0})
+        callback({"i": i, "t": t, "t_next": t_next, "x": x, "x0": schedule.x0_from_eps(x_t, t, eps)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,10 +79,9 @@ def ddpm_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor,
     """Algorithm 2 of Ho et al. (2020): :func:`ddpm_step` for t = T, …, 1, starting from ``x_T``."""
     x = _start(x_T)
     for i, t in enumerate(tqdm(range(schedule.T, 0, -1), disable=not progress, desc="DDPM sampling", leave=False)):
-        eps = eps_model(x, _timesteps(x, t)).to(x.dtype)
-        x0 = schedule.x0_from_eps(x, t, eps) if callback is not None else x
+        eps, x_t = eps_model(x, _timesteps(x, t)).to(x.dtype), x
         x = ddpm_step(x, eps, t, schedule, randn_like(x, generator) if t > 1 else torch.zeros_like(x), variance)
-        _report(callback, i, t, t - 1, x, x0)
+        _report(callback, schedule, i, t, t - 1, x_t, eps, x)
     return x
 
 
@@ -172,11 +176,10 @@ def ddim_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor,
     check_number("eta", eta, 0.0)  # 0: deterministic DDIM, 1: DDPM-like
     x = _start(x_T)
     for i, (t, t_next) in _pairs(schedule, steps, spacing, f"DDIM η={eta}", progress):
-        eps = eps_model(x, _timesteps(x, t)).to(x.dtype)
-        x0 = schedule.x0_from_eps(x, t, eps)
+        eps, x_t = eps_model(x, _timesteps(x, t)).to(x.dtype), x
         z = randn_like(x, generator) if eta > 0 and t_next > 0 else torch.zeros_like(x)
         x = ddim_step(x, eps, float(schedule.alpha_bars[t]), float(schedule.alpha_bars[t_next]), eta, z)
-        _report(callback, i, t, t_next, x, x0)
+        _report(callback, schedule, i, t, t_next, x_t, eps, x)
     return x
 
 
@@ -212,7 +215,7 @@ def pf_ode_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tenso
             slope_next = eps_model(x_guess, _timesteps(x_guess, t_next)).to(x_t.dtype)
             x_bar_next = x_bar + d_sigma_bar * 0.5 * (slope + slope_next)
         x_bar = x_bar_next
-        _report(callback, i, t, t_next, x_bar * sqrt_alpha_bar(t_next), schedule.x0_from_eps(x_t, t, slope))
+        _report(callback, schedule, i, t, t_next, x_t, slope, x_bar * sqrt_alpha_bar(t_next))
     return x_bar
 
 
@@ -237,7 +240,8 @@ def dpm_solver_pp_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torc
 
     x, previous_x0, previous_h = _start(x_T), None, None
     for i, (t, t_next) in _pairs(schedule, steps, spacing, "DPM-Solver++(2M)", progress):
-        x0 = schedule.x0_from_eps(x, t, eps_model(x, _timesteps(x, t)).to(x.dtype))
+        eps, x_t = eps_model(x, _timesteps(x, t)).to(x.dtype), x
+        x0 = schedule.x0_from_eps(x, t, eps)
         _, sigma_t, lambda_t = alpha_sigma_lambda(t)
         alpha_next, sigma_next, lambda_next = alpha_sigma_lambda(t_next)
         if t_next == 0:
@@ -251,7 +255,7 @@ def dpm_solver_pp_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torc
             x = (sigma_next / sigma_t) * x - alpha_next * math.expm1(-h) * x0_multistep
             previous_h = h
         previous_x0 = x0
-        _report(callback, i, t, t_next, x, x0)
+        _report(callback, schedule, i, t, t_next, x_t, eps, x)
     return x
 
 
