@@ -34,7 +34,7 @@ from minidiff.nets import DigitClassifier, UNet, UNetConfig
 from minidiff.runtime import budget, device, is_fast, seed_everything, standard_normal
 from minidiff.samplers import ddpm_sample
 from minidiff.schedules import NoiseSchedule
-from minidiff.train import TrainResult, classifier_loss, conditional_ddpm_loss, ddpm_loss, fit
+from minidiff.train import TrainResult, classifier_loss, conditional_ddpm_loss, ddpm_loss, fit, random_rows
 from minidiff.weights import pretrained, save_weights
 
 #: The U-Net every MNIST diffusion model in the course uses (about 1.7M parameters).
@@ -69,10 +69,11 @@ def recipe_card(name: str, result: TrainResult, batch_size: int, seed: int, metr
 def random_pairs(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
                  shift: int = 0) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """A ``next_batch``: ``batch_size`` random (image, label) rows, images shifted by up to ``shift`` pixels."""
+    draw = random_rows((images, labels), batch_size, generator)
+
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(0, len(images), (batch_size,), generator=generator).to(images.device)
-        chosen = images[index]
-        return (random_shift(chosen, shift, generator) if shift else chosen), labels[index]
+        chosen, chosen_labels = draw()
+        return (random_shift(chosen, shift, generator) if shift else chosen), chosen_labels
     return next_batch
 
 
@@ -124,7 +125,7 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=512, fast=8)
     result = recipe_fit(UNet(MNIST_UNET), lambda net, x0: ddpm_loss(net, schedule, x0, generator),
-                        lambda: images[torch.randint(0, len(images), (batch_size,), generator=generator).to(target)],
+                        random_rows(images, batch_size, generator),
                         steps, 5e-4, 500, ema_decay=0.9995, progress=progress, time_limit=time_limit)
     ema = result.ema_model()
     x_T = standard_normal((budget(full=1000, fast=4), 1, 28, 28), generator, target)

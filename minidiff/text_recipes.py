@@ -27,7 +27,7 @@ from minidiff.recipes import random_pairs, recipe_card, recipe_fit
 from minidiff.runtime import budget, device, seed_everything
 from minidiff.schedules import NoiseSchedule
 from minidiff.text import TextConditionedUNet, TextUNetConfig, sample_captions, scene_pool
-from minidiff.train import conditional_ddpm_loss
+from minidiff.train import conditional_ddpm_loss, random_rows
 from minidiff.weights import pretrained, save_weights
 
 #: The forward process of the captioned-digit model (lesson 10): the cosine schedule, kind to 32×32 colour images.
@@ -46,13 +46,9 @@ def train_attribute_judge(out: Path, seed: int = 0, progress: bool = True, steps
     # a pool of pre-rendered scenes, as for the text model: Python rendering would starve the GPU
     images, _, scenes = data.batch(budget(full=200_000, fast=64), generator)
     digits, colours = scene_targets(scenes)
-    pool = [tensor.to(device()) for tensor in (images, digits, colours)]
-
-    def next_batch() -> tuple[torch.Tensor, ...]:
-        index = torch.randint(0, len(pool[0]), (batch_size,), generator=generator).to(device())
-        return tuple(tensor[index] for tensor in pool)
-
-    result = recipe_fit(AttributeJudge(), lambda net, batch: attribute_loss(net, *batch), next_batch, steps, 2e-3, 200,
+    pool = tuple(tensor.to(device()) for tensor in (images, digits, colours))
+    result = recipe_fit(AttributeJudge(), lambda net, batch: attribute_loss(net, *batch),
+                        random_rows(pool, batch_size, generator), steps, 2e-3, 200,
                         weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     judge = result.ema_model()
     heldout = CaptionedDigits("heldout", exclude_heldout_pairs=False)
@@ -147,7 +143,7 @@ def train_autoencoder(out: Path, seed: int = 0, progress: bool = True, steps: in
     images, _ = scene_pool(CaptionedDigits("train", exclude_heldout_pairs=False), budget(full=100_000, fast=64),
                            generator, device())
     result = recipe_fit(Autoencoder(), lambda net, x: autoencoder_loss(net, x, 1e-3, generator),
-                        lambda: images[torch.randint(0, len(images), (batch_size,), generator=generator).to(device())],
+                        random_rows(images, batch_size, generator),
                         steps, 1e-3, 200, ema_decay=0.999, progress=progress, time_limit=time_limit)
     autoencoder = result.ema_model()
     scale = fit_latent_scale(autoencoder, images[:budget(full=20_000, fast=64)], generator)

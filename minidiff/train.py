@@ -233,17 +233,25 @@ def ddpm_loss(model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor,
     return ((noise - prediction.float()) ** 2).mean()
 
 
-def random_rows(data: torch.Tensor, batch_size: int,
-                generator: torch.Generator | None = None) -> Callable[[], torch.Tensor]:
-    """A ``next_batch`` for ``fit``: each call returns ``batch_size`` rows of ``data`` drawn with replacement."""
+def random_rows(data: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int,
+                generator: torch.Generator | None = None) -> Callable[[], Batch]:
+    """A ``next_batch`` for ``fit``: each call returns ``batch_size`` rows of ``data`` drawn with replacement.
+
+    ``data`` may be a tuple of tensors with the same number of rows (images and labels, say): each call then
+    returns a tuple of the same rows of each.
+    """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if len(data) == 0:
+    tensors = data if isinstance(data, tuple) else (data,)
+    if len({len(tensor) for tensor in tensors}) != 1:
+        raise ValueError(f"the tensors in data must have the same number of rows, got {[len(t) for t in tensors]}")
+    if len(tensors[0]) == 0:
         raise ValueError("data is empty: there are no rows to draw batches from")
 
-    def next_batch() -> torch.Tensor:
-        index = torch.randint(0, data.shape[0], (batch_size,), generator=generator)
-        return data[index.to(data.device)]
+    def next_batch() -> Batch:
+        index = torch.randint(0, len(tensors[0]), (batch_size,), generator=generator).to(tensors[0].device)
+        rows = tuple(tensor[index] for tensor in tensors)
+        return rows if isinstance(data, tuple) else rows[0]
 
     return next_batch
 

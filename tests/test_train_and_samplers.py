@@ -190,3 +190,11 @@ def test_trained_mlp_samples_two_moons_within_twice_the_baseline() -> None:
     comparison = compare_to_data(samples, lambda n, g: sample_toy("two_moons", n, g), generator,
                                  metric="sliced_wasserstein")
     assert math.isfinite(comparison.ratio) and comparison.ratio < 2.0, comparison
+
+
+def test_random_rows_draws_the_same_rows_of_several_tensors() -> None:
+    images, labels = torch.arange(10.0)[:, None].repeat(1, 3), torch.arange(10)
+    batch_images, batch_labels = random_rows((images, labels), 6, torch.Generator().manual_seed(0))()
+    assert torch.equal(batch_images[:, 0].long(), batch_labels)
+    with pytest.raises(ValueError, match="same number of rows"):
+        random_rows((images, labels[:5]), 2)
