@@ -108,6 +108,21 @@ class ResidualBlock(nn.Module):
         return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q Kᵀ/√d) V and the attention weights, written out (lesson 10, eq. 2); the fused
+    ``F.scaled_dot_product_attention`` computes the same without materialising the weights.
+
+    Shapes: query [..., Lq, d], key and value [..., Lk, d]; ``mask`` broadcasts to [..., Lq, Lk] and is True
+    where a query may look. A masked score is −∞, so it gets exactly zero weight.
+    """
+    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ value, weights
+
+
 class Attention(nn.Module):
     """Multi-head attention of every pixel over a sequence, with a residual connection (Vaswani et al. 2017).
 
@@ -127,19 +142,29 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def _heads(self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries, keys and values split into heads, [B, heads, L, C/heads], and the mask as [B, 1, 1, L]."""
+        pixels = self.norm(x).flatten(2).transpose(1, 2)  # [B, H·W, C]: one token per pixel
+        split = lambda z: z.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [B, heads, L, C/heads]
+        keys, values = self.key_value(pixels if context is None else context).chunk(2, dim=-1)
+        mask = None if context_mask is None else context_mask[:, None, None, :].bool()
+        return split(self.query(pixels)), split(keys), split(values), mask
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: [B, C, H, W] → same shape."""
         batch, channels, height, width = x.shape
-        pixels = self.norm(x).flatten(2).transpose(1, 2)  # [B, H·W, C]: one token per pixel
-        source = pixels if context is None else context
-        split = lambda z: z.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [B, heads, L, C/heads]
-        keys, values = self.key_value(source).chunk(2, dim=-1)
-        mask = None if context_mask is None else context_mask[:, None, None, :].bool()
-        attended = F.scaled_dot_product_attention(split(self.query(pixels)), split(keys), split(values),
-                                                  attn_mask=mask)
+        queries, keys, values, mask = self._heads(x, context, context_mask)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)  # the fused kernel
         attended = self.out(attended.transpose(1, 2).flatten(2))
         return x + attended.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def weights(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention weights [B, heads, H·W, L] that :meth:`forward` uses (for drawing where pixels look)."""
+        queries, keys, values, mask = self._heads(x, context, context_mask)
+        return attention(queries, keys, values, mask)[1]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ token ids in place of the class labels.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from minidiff.data import COLOURS, POSITIONS
 from minidiff.guidance import classifier_free_guidance
-from minidiff.nets import Attention, UNet, UNetConfig
+from minidiff.nets import Attention, UNet, UNetConfig, attention
 from minidiff.runtime import standard_normal
 from minidiff.samplers import ddim_sample, thresholded
 from minidiff.schedules import NoiseSchedule
@@ -79,20 +78,6 @@ def padding_mask(tokens: torch.Tensor) -> torch.Tensor:
 def decode(tokens: torch.Tensor) -> list[str]:
     """The words of each row of token ids, without the special tokens."""
     return [" ".join(VOCABULARY[i] for i in row.tolist() if i > WORD_IDS[START]) for row in tokens]
-
-
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(Q Kᵀ/√d) V and the attention weights, written out (lesson 10, eq. 2).
-
-    Shapes: query [..., Lq, d], key and value [..., Lk, d]; ``mask`` broadcasts to [..., Lq, Lk] and is True
-    where a query may look. A masked score is −∞, so it gets exactly zero weight.
-    """
-    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    return weights @ value, weights
 
 
 class EncoderBlock(nn.Module):
@@ -194,18 +179,14 @@ def cross_attention_maps(model: TextConditionedUNet, x_t: torch.Tensor, t: torch
     """Where does each word look? The softmax weights of every cross-attention layer, by layer name.
 
     Runs the model once with forward hooks on its cross-attention layers, recomputes each layer's weights
-    from its own inputs with :func:`attention`, and returns [B, heads, H·W, L] per layer (pixels × words).
+    from its own inputs (:meth:`~minidiff.nets.Attention.weights`), and returns [B, heads, H·W, L] per layer
+    (pixels × words).
     """
     maps: dict[str, torch.Tensor] = {}
 
     def hook(name: str, layer: Attention) -> Any:
         def record(_: nn.Module, inputs: tuple, __: torch.Tensor) -> None:
-            h, context, mask = inputs
-            pixels = layer.norm(h).flatten(2).transpose(1, 2)
-            split = lambda z: z.unflatten(-1, (layer.heads, -1)).transpose(1, 2)  # noqa: E731
-            keys, _ = layer.key_value(context).chunk(2, dim=-1)
-            maps[name] = attention(split(layer.query(pixels)), split(keys), split(keys),
-                                   mask[:, None, None, :].bool())[1].detach()
+            maps[name] = layer.weights(*inputs).detach()
         return record
 
     handles = [layer.register_forward_hook(hook(name, layer)) for name, layer in model.unet.named_modules()
