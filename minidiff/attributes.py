@@ -115,6 +115,20 @@ class CaptionReport:
                 f"with colours swapped {self.swap_rate:.1%} (of {self.binding_count} two-colour captions)")
 
 
+def binding_verdict(scene: Scene, read: list[tuple[int, int]]) -> str | None:
+    """For a caption of two different digits in two different colours: "bound" when the judge's reading
+    ``read`` (one (digit, colour index) per slot) has each digit in its own colour, "swapped" when it has them in
+    each other's colours, "other" otherwise; None for any other caption (binding is not asked)."""
+    if len(scene.objects) != 2:
+        return None
+    first, second = scene.objects
+    if first.digit == second.digit or first.colour == second.colour:
+        return None
+    asked = sorted((o.digit, COLOURS.index(o.colour)) for o in scene.objects)
+    crossed = sorted([(first.digit, COLOURS.index(second.colour)), (second.digit, COLOURS.index(first.colour))])
+    return "bound" if sorted(read) == asked else "swapped" if sorted(read) == crossed else "other"
+
+
 def _mean(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
@@ -139,11 +153,9 @@ def caption_report(judge: nn.Module, images: torch.Tensor, scenes: list[Scene]) 
             correct = sorted(got) == sorted(want)
         whole.append(correct)
         (single if len(scene.objects) == 1 else double).append(correct)
-        first, second = scene.objects if len(scene.objects) == 2 else (None, None)
-        if first is not None and first.digit != second.digit and first.colour != second.colour:
-            asked = sorted((o.digit, COLOURS.index(o.colour)) for o in scene.objects)
-            crossed = sorted([(first.digit, COLOURS.index(second.colour)), (second.digit, COLOURS.index(first.colour))])
-            bound.append(sorted(got) == asked)
-            swapped.append(sorted(got) == crossed)
+        verdict = binding_verdict(scene, got)
+        if verdict is not None:
+            bound.append(verdict == "bound")
+            swapped.append(verdict == "swapped")
     return CaptionReport(len(scenes), _mean(digit_ok), _mean(colour_ok), _mean(whole), _mean(single), _mean(double),
                          _mean(bound), _mean(swapped), len(bound))
