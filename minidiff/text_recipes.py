@@ -27,7 +27,7 @@ from minidiff.recipes import random_pairs, recipe_card, recipe_fit
 from minidiff.runtime import budget, device, seed_everything
 from minidiff.schedules import NoiseSchedule
 from minidiff.text import TextConditionedUNet, TextUNetConfig, sample_captions, scene_pool
-from minidiff.train import conditional_ddpm_loss, random_rows
+from minidiff.train import TrainResult, conditional_ddpm_loss, random_rows
 from minidiff.weights import pretrained, save_weights
 
 #: The forward process of the captioned-digit model (lesson 10): the cosine schedule, kind to 32×32 colour images.
@@ -87,6 +87,16 @@ def report_metrics(reports: dict[str, CaptionReport]) -> dict[str, Any]:
     return metrics | {"samples_per_kind": reports["one_object"].count}
 
 
+def _fit_text_denoiser(model: TextConditionedUNet, inputs: torch.Tensor, tokens: torch.Tensor,
+                       schedule: NoiseSchedule, steps: int, batch_size: int, generator: torch.Generator,
+                       progress: bool, time_limit: float | None) -> TrainResult:
+    """What the pixel and the latent text models share: L_simple with caption dropout 0.1 on a pool of
+    (image or latent, caption tokens) pairs."""
+    return recipe_fit(model, lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
+                      random_pairs(inputs, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
+                      progress=progress, time_limit=time_limit)
+
+
 def train_text_digits(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
                       judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
     """The text-conditioned U-Net of lesson 10: encoder and denoiser trained jointly, caption dropout 0.1."""
@@ -98,12 +108,8 @@ def train_text_digits(out: Path, seed: int = 0, progress: bool = True, steps: in
     # A pool of pre-rendered scenes keeps the GPU busy (drawing 512 scenes in Python each step would starve it);
     # 200,000 scenes are more than a network of 2M parameters can memorise in 5,000 steps.
     images, tokens = scene_pool(CaptionedDigits("train"), budget(full=200_000, fast=64), generator, device())
-    def loss(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return conditional_ddpm_loss(net, schedule, *batch, 0.1, generator)  # caption dropout 0.1
-
-    result = recipe_fit(TextConditionedUNet(), loss,
-                        random_pairs(images, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
-                        progress=progress, time_limit=time_limit)
+    result = _fit_text_denoiser(TextConditionedUNet(), images, tokens, schedule, steps, batch_size, generator,
+                                progress, time_limit)
     model = result.ema_model()
     card = recipe_card("text_digits", result, batch_size, seed, text_model_metrics(model, judge, generator, progress),
                        {"schedule": TEXT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA}, time_limit)
@@ -177,10 +183,8 @@ def train_latent_text_digits(out: Path, seed: int = 0, progress: bool = True, st
         latents = torch.cat([autoencoder.encode(images[i:i + 5000], generator, sample=True)
                              for i in range(0, len(images), 5000)])
     del images
-    result = recipe_fit(TextConditionedUNet(TextUNetConfig(unet=LATENT_UNET)),
-                        lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
-                        random_pairs(latents, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
-                        progress=progress, time_limit=time_limit)
+    result = _fit_text_denoiser(TextConditionedUNet(TextUNetConfig(unet=LATENT_UNET)), latents, tokens, schedule,
+                                steps, batch_size, generator, progress, time_limit)
     model = result.ema_model()
     pipeline = TextToImage(model, autoencoder, schedule)
 
@@ -193,7 +197,7 @@ def train_latent_text_digits(out: Path, seed: int = 0, progress: bool = True, st
     metrics |= {"label_dropout": 0.1, "sampler": "DDIM eta=0, trailing, then the autoencoder's decoder", **LATENT_EVAL}
     card = recipe_card("latent_text_digits", result, batch_size, seed, metrics,
                        {"schedule": LATENT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA,
-                       "autoencoder_sha256": autoencoder.card["sha256"]}, time_limit)
+                        "autoencoder_sha256": autoencoder.card["sha256"]}, time_limit)
     return save_weights(model, out / "latent_text_digits.safetensors", card)
 
 
