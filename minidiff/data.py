@@ -98,7 +98,8 @@ def random_shift(images: torch.Tensor, max_shift: int = 2, generator: torch.Gene
     if not isinstance(max_shift, int) or max_shift < 0:
         raise ValueError(f"max_shift must be an int >= 0, got {max_shift!r}")
     count, _, height, width = images.shape
-    shifts = torch.randint(0, 2 * max_shift + 1, (2, count), generator=generator).to(images.device)
+    where = generator.device if generator is not None else images.device
+    shifts = torch.randint(0, 2 * max_shift + 1, (2, count), generator=generator, device=where).to(images.device)
     padded = torch.nn.functional.pad(images, [max_shift] * 4, value=background).permute(0, 2, 3, 1)
     rows = torch.arange(height, device=images.device)[None] + shifts[0][:, None]  # [N, H]
     columns = torch.arange(width, device=images.device)[None] + shifts[1][:, None]  # [N, W]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from minidiff.data import load_mnist, random_shift
+from minidiff.graphs import graphed
 from minidiff.metrics import judge_accuracy, judge_samples
 from minidiff.nets import DigitClassifier, UNet, UNetConfig
 from minidiff.runtime import budget, device, is_fast, seed_everything, standard_normal
@@ -40,6 +41,11 @@ from minidiff.weights import pretrained, save_weights
 #: The U-Net every MNIST diffusion model in the course uses (about 1.7M parameters).
 MNIST_UNET = UNetConfig(base_channels=32, channel_mults=(1, 2, 2), blocks_per_level=2, attention_resolutions=(7,),
                         dropout=0.1)
+#: Lesson 07's U-Net sized for a laptop's CPU (about 0.29M parameters): one block per level, no attention, no
+#: dropout. On two cores it trains at about 10 steps of batch 64 per second and draws recognisable digits within
+#: ten minutes (``python -m minidiff.bench`` on a CPU measures it).
+CPU_UNET = UNetConfig(base_channels=16, channel_mults=(1, 2, 2), blocks_per_level=1, attention_resolutions=(),
+                      dropout=0.0)
 #: The forward process of the MNIST models: DDPM's linear schedule with T = 1000.
 MNIST_SCHEDULE: dict[str, Any] = {"kind": "linear", "T": 1000}
 
@@ -77,6 +83,17 @@ def random_pairs(images: torch.Tensor, labels: torch.Tensor, batch_size: int, ge
     return next_batch
 
 
+def batch_generator(seed: int) -> torch.Generator:
+    """The generator that draws the recipes' batches, on the compute device: a recorded CUDA graph step then never
+    waits for the host.
+
+    The losses draw their t and ε from the device's default generator, which
+    :func:`~minidiff.runtime.seed_everything` seeds: a step that drew from a generator of its own could not be
+    recorded.
+    """
+    return torch.Generator(device()).manual_seed(seed)
+
+
 def recipe_fit(model: nn.Module, loss_fn: Callable[..., torch.Tensor], next_batch: Callable[[], Any], steps: int,
                lr: float, warmup_steps: int, **options: Any) -> TrainResult:
     """What every recipe shares: AdamW with a warm-up and cosine decay, an EMA, and the GPU speed knobs."""
@@ -91,12 +108,12 @@ def _mnist_on_device(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
                 time_limit: float | None = None) -> dict[str, Any]:
     """The judge: a DigitClassifier trained with ±2-pixel shifts; reports held-out accuracy."""
-    generator = seed_everything(seed)
+    seed_everything(seed)
     images, labels = _mnist_on_device()
     steps = steps or budget(full=4000, fast=20)
     batch_size = budget(full=128, fast=16)
     result = recipe_fit(DigitClassifier(), lambda net, batch: classifier_loss(net, *batch),
-                        random_pairs(images, labels, batch_size, generator, shift=2), steps, 2e-3, 200,
+                        random_pairs(images, labels, batch_size, batch_generator(seed), shift=2), steps, 2e-3, 200,
                         weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     judge = result.ema_model()
     metrics = {"heldout_accuracy": round(judge_accuracy(judge, *load_mnist("heldout")), 4),
@@ -124,12 +141,12 @@ def train_mnist_ddpm(out: Path, seed: int = 0, progress: bool = True, steps: int
     schedule = NoiseSchedule.from_spec(MNIST_SCHEDULE)
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=512, fast=8)
-    result = recipe_fit(UNet(MNIST_UNET), lambda net, x0: ddpm_loss(net, schedule, x0, generator),
-                        random_rows(images, batch_size, generator),
+    result = recipe_fit(UNet(MNIST_UNET), lambda net, x0: ddpm_loss(net, schedule, x0),
+                        random_rows(images, batch_size, batch_generator(seed)),
                         steps, 5e-4, 500, ema_decay=0.9995, progress=progress, time_limit=time_limit)
     ema = result.ema_model()
     x_T = standard_normal((budget(full=1000, fast=4), 1, 28, 28), generator, target)
-    samples = ddpm_sample(ema, schedule, x_T, generator=generator, progress=progress)
+    samples = ddpm_sample(graphed(ema), schedule, x_T, generator=generator, progress=progress)
     card = recipe_card("mnist_ddpm", result, batch_size, seed, _diffusion_card_metrics(samples, judge),
                        {"schedule": MNIST_SCHEDULE, "weights": "EMA"}, time_limit)
     return save_weights(ema, out / "mnist_ddpm.safetensors", card)
@@ -145,14 +162,16 @@ def train_mnist_cond(out: Path, seed: int = 0, progress: bool = True, steps: int
     steps = steps or budget(full=8000, fast=10)
     batch_size = budget(full=256, fast=8)
     result = recipe_fit(UNet(MNIST_UNET, num_classes=10),
-                        lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
-                        random_pairs(images, labels, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
+                        lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1),
+                        random_pairs(images, labels, batch_size, batch_generator(seed)), steps, 5e-4, 500,
+                        ema_decay=0.9995,
                         progress=progress, time_limit=time_limit)
     ema = result.ema_model()
     count = budget(full=1000, fast=4)
     requested = torch.arange(count, device=target) % 10
     x_T = standard_normal((count, 1, 28, 28), generator, target)
-    samples = ddpm_sample(lambda x, t: ema(x, t, requested), schedule, x_T, generator=generator, progress=progress)
+    samples = ddpm_sample(graphed(lambda x, t: ema(x, t, requested)), schedule, x_T, generator=generator,
+                          progress=progress)
     metrics = {"conditional_accuracy_no_guidance": round(judge_accuracy(judge, samples, requested), 4),
                "samples": count, "label_dropout": 0.1}
     card = recipe_card("mnist_cond", result, batch_size, seed, metrics, {"schedule": MNIST_SCHEDULE, "weights": "EMA"},
@@ -170,8 +189,8 @@ def train_noisy_classifier(out: Path, seed: int = 0, progress: bool = True, step
     steps = steps or budget(full=3000, fast=20)
     batch_size = budget(full=256, fast=16)
     result = recipe_fit(DigitClassifier(time_conditional=True),
-                        lambda net, batch: classifier_loss(net, *batch, schedule, generator),
-                        random_pairs(images, labels, batch_size, generator, shift=1), steps, 2e-3, 200,
+                        lambda net, batch: classifier_loss(net, *batch, schedule),
+                        random_pairs(images, labels, batch_size, batch_generator(seed), shift=1), steps, 2e-3, 200,
                         weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     classifier = result.ema_model()
     heldout, heldout_labels = _mnist_on_device("heldout")

@@ -180,10 +180,24 @@ class NoiseSchedule:
             raise ValueError(f"t must hold integer timesteps (the paper's t), got dtype {t.dtype}")
         if t.ndim > 1:
             raise ValueError(f"t must be a scalar or a 1-D batch of timesteps, got shape {tuple(t.shape)}")
-        if t.numel() and (t.min() < lowest or t.max() > self.T):
+        # Checking needs the values on the host; while a CUDA graph records a step it cannot read them (the same
+        # code was checked in the eager warm-up steps before the recording, see minidiff.graphs).
+        recording = t.is_cuda and torch.cuda.is_current_stream_capturing()
+        if t.numel() and not recording and (t.min() < lowest or t.max() > self.T):
             bad = t[(t < lowest) | (t > self.T)].flatten()[0].item()
             raise ValueError(f"timestep t must be in {lowest}..{self.T} for this schedule, got {bad}")
         return t.long()
+
+    def _table_on(self, table: torch.Tensor, where: torch.device) -> torch.Tensor:
+        """``table`` on device ``where``, copied once and kept: a copy on every call would cost a host round trip
+        per training step (and cannot be recorded in a CUDA graph)."""
+        if table.device == where:
+            return table
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (table.data_ptr(), str(where))
+        if key not in cache:
+            cache[key] = table.to(where)
+        return cache[key]
 
     def gather(self, table: torch.Tensor, t: Timesteps, like: torch.Tensor, lowest: int = 1) -> torch.Tensor:
         """Pick ``table[t]`` for each example and shape it to broadcast against ``like`` ([B, 1, 1, …]).
@@ -195,7 +209,7 @@ class NoiseSchedule:
             if like.ndim == 0 or like.shape[0] != t.shape[0]:
                 raise ValueError(f"t has {t.shape[0]} timesteps but x has batch shape {tuple(like.shape[:1])}: "
                                  "give one timestep per example (or a single int)")
-            values = table.to(t.device)[t].to(device=like.device, dtype=like.dtype)
+            values = self._table_on(table, t.device)[t].to(device=like.device, dtype=like.dtype)
             return values.reshape(-1, *([1] * (like.ndim - 1)))
         return table[t].to(device=like.device, dtype=like.dtype)
 

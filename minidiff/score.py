@@ -136,14 +136,17 @@ class NoiseConditionalScore:
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Denoising score matching at a random level per example, weighted by σ²: ½ E ‖net(x + σz, i) − z‖²."""
-        levels = torch.randint(0, len(self.sigmas), (x.shape[0],), generator=generator).to(x.device)
-        sigma = self.sigmas.to(x.device)[levels][:, None]
+        where = generator.device if generator is not None else x.device
+        levels = torch.randint(0, len(self.sigmas), (x.shape[0],), generator=generator, device=where).to(x.device)
+        if self.sigmas.device != x.device:  # moved once, not on every step (a recorded CUDA graph cannot copy it)
+            self.sigmas = self.sigmas.to(x.device)
+        sigma = self.sigmas[levels][:, None]
         z = randn_like(x, generator)
         return 0.5 * ((self.net(x + sigma * z, levels) - z) ** 2).sum(-1).mean()
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """The score at noise level ``sigma``, which must be one of the ladder's levels."""
-        matches = torch.isclose(self.sigmas, torch.tensor(float(sigma)), rtol=1e-5).nonzero()
+        matches = torch.isclose(self.sigmas.cpu(), torch.tensor(float(sigma)), rtol=1e-5).nonzero()
         if len(matches) == 0:
             raise ValueError(f"sigma={sigma} is not one of this model's noise levels")
         level = torch.full((x.shape[0],), int(matches[0]), device=x.device)

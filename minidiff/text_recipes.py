@@ -23,7 +23,7 @@ from minidiff.autoencoder import Autoencoder, autoencoder_loss, fit_latent_scale
 from minidiff.data import HELDOUT_PAIRS, CaptionedDigits
 from minidiff.nets import UNetConfig
 from minidiff.pipeline import TextToImage
-from minidiff.recipes import random_pairs, recipe_card, recipe_fit
+from minidiff.recipes import batch_generator, random_pairs, recipe_card, recipe_fit
 from minidiff.runtime import budget, device, seed_everything
 from minidiff.schedules import NoiseSchedule
 from minidiff.text import TextConditionedUNet, TextUNetConfig, sample_captions, scene_pool
@@ -48,7 +48,7 @@ def train_attribute_judge(out: Path, seed: int = 0, progress: bool = True, steps
     digits, colours = scene_targets(scenes)
     pool = tuple(tensor.to(device()) for tensor in (images, digits, colours))
     result = recipe_fit(AttributeJudge(), lambda net, batch: attribute_loss(net, *batch),
-                        random_rows(pool, batch_size, generator), steps, 2e-3, 200,
+                        random_rows(pool, batch_size, batch_generator(seed)), steps, 2e-3, 200,
                         weight_decay=0.05, ema_decay=0.999, progress=progress, time_limit=time_limit)
     judge = result.ema_model()
     heldout = CaptionedDigits("heldout", exclude_heldout_pairs=False)
@@ -92,7 +92,7 @@ def _fit_text_denoiser(model: TextConditionedUNet, inputs: torch.Tensor, tokens:
                        progress: bool, time_limit: float | None) -> TrainResult:
     """What the pixel and the latent text models share: L_simple with caption dropout 0.1 on a pool of
     (image or latent, caption tokens) pairs."""
-    return recipe_fit(model, lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1, generator),
+    return recipe_fit(model, lambda net, batch: conditional_ddpm_loss(net, schedule, *batch, 0.1),
                       random_pairs(inputs, tokens, batch_size, generator), steps, 5e-4, 500, ema_decay=0.9995,
                       progress=progress, time_limit=time_limit)
 
@@ -108,8 +108,8 @@ def train_text_digits(out: Path, seed: int = 0, progress: bool = True, steps: in
     # A pool of pre-rendered scenes keeps the GPU busy (drawing 512 scenes in Python each step would starve it);
     # 200,000 scenes are more than a network of 2M parameters can memorise in 5,000 steps.
     images, tokens = scene_pool(CaptionedDigits("train"), budget(full=200_000, fast=64), generator, device())
-    result = _fit_text_denoiser(TextConditionedUNet(), images, tokens, schedule, steps, batch_size, generator,
-                                progress, time_limit)
+    result = _fit_text_denoiser(TextConditionedUNet(), images, tokens, schedule, steps, batch_size,
+                                batch_generator(seed), progress, time_limit)
     model = result.ema_model()
     card = recipe_card("text_digits", result, batch_size, seed, text_model_metrics(model, judge, generator, progress),
                        {"schedule": TEXT_SCHEDULE, "weights": "EMA", "data": CAPTIONED_DATA}, time_limit)
@@ -148,8 +148,8 @@ def train_autoencoder(out: Path, seed: int = 0, progress: bool = True, steps: in
     batch_size = budget(full=256, fast=8)
     images, _ = scene_pool(CaptionedDigits("train", exclude_heldout_pairs=False), budget(full=100_000, fast=64),
                            generator, device())
-    result = recipe_fit(Autoencoder(), lambda net, x: autoencoder_loss(net, x, 1e-3, generator),
-                        random_rows(images, batch_size, generator),
+    result = recipe_fit(Autoencoder(), lambda net, x: autoencoder_loss(net, x, 1e-3),
+                        random_rows(images, batch_size, batch_generator(seed)),
                         steps, 1e-3, 200, ema_decay=0.999, progress=progress, time_limit=time_limit)
     autoencoder = result.ema_model()
     scale = fit_latent_scale(autoencoder, images[:budget(full=20_000, fast=64)], generator)
@@ -184,7 +184,7 @@ def train_latent_text_digits(out: Path, seed: int = 0, progress: bool = True, st
                              for i in range(0, len(images), 5000)])
     del images
     result = _fit_text_denoiser(TextConditionedUNet(TextUNetConfig(unet=LATENT_UNET)), latents, tokens, schedule,
-                                steps, batch_size, generator, progress, time_limit)
+                                steps, batch_size, batch_generator(seed), progress, time_limit)
     model = result.ema_model()
     pipeline = TextToImage(model, autoencoder, schedule)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minidiff.contracts import EpsModel
+from minidiff.graphs import WARMUP_STEPS, CapturedTrainStep, CaptureError
 from minidiff.runtime import check_number, randn_like
 from minidiff.runtime import device as default_device
 from minidiff.schedules import NoiseSchedule
@@ -40,16 +43,32 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.updates = decay, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._weight: torch.Tensor | None = None
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Blend the current weights of ``model`` into the average."""
+    def advance(self) -> None:
+        """Count one update and set this update's blend weight 1 − decay (a device tensor a CUDA graph can read)."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        # One fused call over all tensors instead of a loop: on a GPU each loop step would be a kernel launch.
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-        for averaged, current in zip(self.model.buffers(), model.buffers(), strict=True):
-            averaged.copy_(current)
+        where = next(self.model.parameters()).device
+        if self._weight is None or self._weight.device != where:
+            self._weight = torch.zeros((), device=where)
+        self._weight.fill_(1.0 - decay)
+
+    @torch.no_grad()
+    def blend(self, model: nn.Module) -> None:
+        """θ_ema ← θ_ema + (1 − d)(θ − θ_ema) with the weight set by :meth:`advance`; buffers are copied."""
+        averaged = list(self.model.parameters())
+        # fused calls over all tensors instead of a loop: on a GPU each loop step would be a kernel launch
+        step = torch._foreach_sub([p.detach() for p in model.parameters()], averaged)
+        torch._foreach_mul_(step, self._weight)
+        torch._foreach_add_(averaged, step)
+        for averaged_buffer, current in zip(self.model.buffers(), model.buffers(), strict=True):
+            averaged_buffer.copy_(current)
+
+    def update(self, model: nn.Module) -> None:
+        """Blend the current weights of ``model`` into the average (:meth:`advance` then :meth:`blend`)."""
+        self.advance()
+        self.blend(model)
 
 
 @dataclass
@@ -63,10 +82,13 @@ class TrainResult:
     timed_out: bool = False
 
     def ema_model(self) -> nn.Module:
-        """The EMA network ready to sample with and to save: float32, contiguous memory, eval mode, grad-free."""
+        """A copy of the EMA network ready to sample with and to save: float32, contiguous memory, eval mode.
+
+        A copy, so that calling this from a ``fit`` callback cannot move the weights a recorded CUDA graph writes.
+        """
         if self.ema is None:
             raise ValueError("this run kept no EMA (fit(ema_decay=None)); use the trained model itself")
-        return self.ema.model.float().to(memory_format=torch.contiguous_format).eval()
+        return copy.deepcopy(self.ema.model).float().to(memory_format=torch.contiguous_format).eval()
 
     @property
     def steps(self) -> int:
@@ -117,26 +139,43 @@ class SpeedSettings:
         on_cuda = self.target.type == "cuda"
         self.bf16, self.channels_last = self.bf16 and on_cuda, self.channels_last and on_cuda
 
-    def prepare(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """Move ``model`` to the device in training mode and return its AdamW optimiser."""
+    def prepare(self, model: nn.Module, lr: float, weight_decay: float,
+                capturable: bool = False) -> torch.optim.Optimizer:
+        """Move ``model`` to the device in training mode and return its AdamW optimiser.
+
+        ``capturable``: the optimiser a CUDA graph can record: its learning rate and step count live in device
+        tensors, so changing them between replays needs no new recording.
+        """
         model.to(self.target).train()
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+        if capturable:
+            return torch.optim.AdamW(model.parameters(), lr=torch.tensor(lr, device=self.target),
+                                     weight_decay=weight_decay, fused=True, capturable=True)
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
                                  fused=self.target.type == "cuda")
 
     def autocast(self) -> torch.autocast:
         """The autocast context of the forward pass (a no-op unless bf16 is on)."""
-        return torch.autocast(device_type=self.target.type, dtype=torch.bfloat16, enabled=self.bf16)
+        # no weight-cast cache: a CUDA graph must recompute the casts on every replay, and eager loses little
+        return torch.autocast(device_type=self.target.type, dtype=torch.bfloat16, enabled=self.bf16,
+                              cache_enabled=False)
 
 
-def _checked_loss_value(loss: torch.Tensor, step: int, lr: float) -> float:
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(
-            f"the loss became {value} at step {step}: training diverged. Lower the learning rate (now {lr}), "
-            "keep gradient clipping on, or check the data for NaNs.")
-    return value
+def _check_losses(values: list[float], first_step: int, lr: float) -> None:
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the loss became {value} at step {first_step + offset}: training diverged. Lower the learning "
+                f"rate (now {lr}), keep gradient clipping on, or check the data for NaNs.")
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)  # in place: a recorded CUDA graph reads this very tensor
+        else:
+            group["lr"] = value
 
 
 def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], next_batch: Callable[[], Batch],
@@ -145,7 +184,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         progress: bool = True, warmup_steps: int = 0, cosine_decay: bool = False,
         result: TrainResult | None = None, channels_last: bool = False,
         time_limit: float | None = None, callback: Callable[[TrainResult], None] | None = None,
-        callback_every: int = 100) -> TrainResult:
+        callback_every: int = 100, cuda_graph: bool | None = None) -> TrainResult:
     """Train ``model`` for ``steps`` AdamW steps on ``loss_fn(model, next_batch())`` (Algorithm 1's loop).
 
     Args:
@@ -154,11 +193,15 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         bf16, channels_last: speed knobs for CUDA, ignored elsewhere (:class:`SpeedSettings`).
         warmup_steps, cosine_decay: the learning-rate schedule (:func:`warmup_cosine`).
-        result: continue a previous run (its loss history and EMA are extended).
+        result: continue a previous run of the same model (its loss history and EMA are extended).
         time_limit: stop after this many seconds even if fewer than ``steps`` were taken (the learning-rate
             schedule is still laid out over ``steps``); ``result.timed_out`` then says so.
         callback: called as ``callback(result)`` every ``callback_every`` steps and at the end, e.g. to redraw a
-            live loss curve in a notebook.
+            live loss curve in a notebook; a callback that returns True stops the training there.
+        cuda_graph: record the whole step (forward, backward, clipping, AdamW, EMA) as a CUDA graph and replay
+            it (:mod:`minidiff.graphs`). ``None`` (the default): on when training on CUDA, falling back to eager
+            steps with a warning if the step cannot be recorded; ``True``: insist; ``False``: eager. On the
+            graph path the loss is read back every 25 steps, so a diverged run stops up to 25 steps late.
 
     Interrupting (Ctrl-C, or "interrupt the kernel" in Jupyter) stops cleanly: the model keeps the
     weights trained so far and the result says ``interrupted=True``.
@@ -173,43 +216,98 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         check_number("time_limit", time_limit, 0.0, above=True)
     if not isinstance(callback_every, int) or isinstance(callback_every, bool) or callback_every < 1:
         raise ValueError(f"callback_every must be an int >= 1, got {callback_every!r}")
+    if cuda_graph not in (None, True, False):
+        raise ValueError(f"cuda_graph must be None (automatic), True or False, got {cuda_graph!r}")
     speed = SpeedSettings(torch.device(device) if device is not None else default_device(), bf16, channels_last)
-    optimizer = speed.prepare(model, lr, weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, steps, warmup_steps, cosine_decay))
+    if cuda_graph and speed.target.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, but training runs on {speed.target}")
+    use_graph = speed.target.type == "cuda" and cuda_graph is not False
+    optimizer = speed.prepare(model, lr, weight_decay, capturable=use_graph)
     result = result or TrainResult()
     if ema_decay is not None and result.ema is None:
         result.ema = EMA(model, ema_decay)
     if result.ema is not None:
         result.ema.model.to(speed.target)
+    ema = result.ema
+
+    def forward_loss(batch: Batch) -> torch.Tensor:
+        with speed.autocast():
+            return loss_fn(model, batch)  # e.g. L_simple at random t and ε (Algorithm 1, lines 2-5)
+
+    def update(loss: torch.Tensor) -> None:
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+        optimizer.step()  # the gradient step of line 5
+        if ema is not None:
+            ema.blend(model)
+
+    def train_step(batch: Batch) -> torch.Tensor:
+        """One whole step on the device, as the CUDA graph records it."""
+        loss = forward_loss(batch)
+        update(loss)
+        return loss.detach()
+
+    captured = CapturedTrainStep(train_step, lambda: optimizer.zero_grad(set_to_none=True)) if use_graph else None
+    pending: list[torch.Tensor] = []  # graph path: losses not yet read back from the GPU
+
+    def read_back() -> None:
+        if pending:
+            values = torch.stack(pending).float().tolist()
+            _check_losses(values, result.steps, lr)
+            result.losses.extend(values)
+            pending.clear()
+
     start = time.perf_counter()
     bar = tqdm(range(steps), disable=not progress, desc="training", leave=True)
+    side = torch.cuda.Stream(speed.target) if use_graph else None
     try:
         for step in bar:
             batch = _to_device(next_batch(), speed.target, speed.channels_last)
-            with speed.autocast():
-                loss = loss_fn(model, batch)  # e.g. L_simple at random t and ε (Algorithm 1, lines 2-5)
-            result.losses.append(_checked_loss_value(loss, result.steps, lr))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()  # the gradient step of line 5
-            scheduler.step()
-            if result.ema is not None:
-                result.ema.update(model)
-            if step % 25 == 0 or step == steps - 1:
+            _set_learning_rate(optimizer, lr * warmup_cosine(step, steps, warmup_steps, cosine_decay))
+            if ema is not None:
+                ema.advance()
+            if captured is not None and step >= WARMUP_STEPS and captured.graph is None:
+                torch.cuda.current_stream(speed.target).wait_stream(side)
+                try:
+                    captured.capture(batch)
+                except CaptureError as error:
+                    if cuda_graph:
+                        raise
+                    warnings.warn(f"{error} Training goes on with eager steps.", stacklevel=2)
+                    captured = None
+            if captured is not None and captured.matches(batch):
+                pending.append(captured(batch).clone())
+                if len(pending) >= 25:
+                    read_back()
+            else:  # an eager step: the loss is checked before it can change the weights
+                optimizer.zero_grad(set_to_none=captured is None or captured.graph is None)
+                on_side = side is not None and captured is not None  # warm-ups before a capture: a side stream
+                if on_side:
+                    side.wait_stream(torch.cuda.current_stream(speed.target))
+                with torch.cuda.stream(side) if on_side else nullcontext():
+                    loss = forward_loss(batch)
+                    pending.append(loss.detach())
+                    read_back()
+                    update(loss)
+            if (step % 25 == 0 or step == steps - 1) and result.losses:
                 bar.set_postfix(loss=f"{sum(result.losses[-25:]) / len(result.losses[-25:]):.4f}")
-            if callback is not None and result.steps % callback_every == 0:
-                callback(result)
+            if callback is not None and (result.steps + len(pending)) % callback_every == 0:
+                read_back()
+                if callback(result) is True:
+                    break
             if time_limit is not None and time.perf_counter() - start >= time_limit:
                 result.timed_out = True
                 break
     except KeyboardInterrupt:
         result.interrupted = True
-        print(f"training interrupted after {result.steps} steps: the model keeps the weights trained so far")
+        print(f"training interrupted after {result.steps + len(pending)} steps: the model keeps the weights "
+              "trained so far")
     finally:
         bar.close()
+        if side is not None:
+            torch.cuda.current_stream(speed.target).wait_stream(side)
+        read_back()
         result.seconds += time.perf_counter() - start
         model.eval()
     if callback is not None:
@@ -238,7 +336,8 @@ def random_rows(data: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int,
     """A ``next_batch`` for ``fit``: each call returns ``batch_size`` rows of ``data`` drawn with replacement.
 
     ``data`` may be a tuple of tensors with the same number of rows (images and labels, say): each call then
-    returns a tuple of the same rows of each.
+    returns a tuple of the same rows of each. The rows are drawn on ``generator``'s device (without one, on the
+    data's device, from its default generator).
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -249,7 +348,10 @@ def random_rows(data: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int,
         raise ValueError("data is empty: there are no rows to draw batches from")
 
     def next_batch() -> Batch:
-        index = torch.randint(0, len(tensors[0]), (batch_size,), generator=generator).to(tensors[0].device)
+        # drawn on the generator's device: a GPU generator keeps the whole step on the GPU (no host round trip)
+        where = generator.device if generator is not None else tensors[0].device
+        index = torch.randint(0, len(tensors[0]), (batch_size,), generator=generator, device=where)
+        index = index.to(tensors[0].device)
         rows = tuple(tensor[index] for tensor in tensors)
         return rows if isinstance(data, tuple) else rows[0]
 
@@ -269,7 +371,8 @@ def conditional_ddpm_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.T
     if labels.ndim == 0 or labels.shape[0] != x0.shape[0]:
         raise ValueError(f"labels must have one row per image ([{x0.shape[0]}] or [{x0.shape[0]}, L]), "
                          f"got {tuple(labels.shape)}")
-    dropped = torch.rand(labels.shape[0], generator=generator).to(labels.device) < label_dropout
+    where = generator.device if generator is not None else labels.device
+    dropped = torch.rand(labels.shape[0], generator=generator, device=where).to(labels.device) < label_dropout
     dropped = dropped.view(-1, *([1] * (labels.ndim - 1)))  # a caption is dropped whole, never word by word
     labels = torch.where(dropped, torch.full_like(labels, model.null_class), labels)
     return ddpm_loss(lambda x_t, t: model(x_t, t, labels), schedule, x0, generator)
