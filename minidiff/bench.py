@@ -107,7 +107,7 @@ def minidiff_training(sizes: Sizes, judge: nn.Module, cuda_graph: bool, seconds:
 
     result = fit(UNet(config), lambda net, x0: ddpm_loss(net, schedule, x0), batches, planned, lr=1e-3,
                  warmup_steps=min(200, planned // 5), cosine_decay=True, ema_decay=0.999, bf16=True,
-                 channels_last=True, progress=False, time_limit=seconds, cuda_graph=cuda_graph if
+                 channels_last=False, progress=False, time_limit=seconds, cuda_graph=cuda_graph if
                  target.type == "cuda" else False, callback=evaluate, callback_every=evaluate_every or 10**9)
     return {"it_per_s": result.steps / (result.seconds - state["evaluations"]), "reached": state["reached"],
             "ema": result.ema_model(), "steps": result.steps}

@@ -40,7 +40,7 @@ class CaptureError(RuntimeError):
 
 
 def _host_random_states() -> tuple[Any, ...]:
-    return random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state()
+    return random.getstate(), np.random.get_state()[1].tobytes(), torch.random.get_rng_state().numpy().tobytes()
 
 
 def _same_structure(batch: Any, static: Any) -> bool:

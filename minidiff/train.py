@@ -290,6 +290,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
                     pending.append(loss.detach())
                     read_back()
                     update(loss)
+                    del loss  # a live loss keeps its autograd graph, whose nodes remember this step's stream
             if (step % 25 == 0 or step == steps - 1) and result.losses:
                 bar.set_postfix(loss=f"{sum(result.losses[-25:]) / len(result.losses[-25:]):.4f}")
             if callback is not None and (result.steps + len(pending)) % callback_every == 0:
