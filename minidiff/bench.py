@@ -206,8 +206,11 @@ def gpu_table(sizes: Sizes, judge: nn.Module, with_diffusers: bool) -> list[Row]
         plain = _seconds(lambda sampler=sampler: sampler(model))[1]
         captured = _seconds(lambda sampler=sampler: sampler(graphed(model)))[1]
         rows.append(Row("minidiff", f"sample {sizes.samples} digits, {name}, eager", f"{plain:.1f} s"))
+        both = _seconds(lambda sampler=sampler: sampler(graphed(model, bf16=True)))[1]
         rows.append(Row("minidiff", f"sample {sizes.samples} digits, {name}, CUDA graph", f"{captured:.1f} s",
                         f"{plain / captured:.1f}× eager, recording included"))
+        rows.append(Row("minidiff", f"sample {sizes.samples} digits, {name}, CUDA graph + bf16", f"{both:.1f} s",
+                        f"{plain / both:.1f}× eager"))
     if with_diffusers:
         theirs = diffusers_training(sizes, judge, sizes.train_seconds)
         rows.append(Row("diffusers", "training it/s, eager (UNet2DModel, bf16)", f"{theirs['it_per_s']:.1f}",
