@@ -236,6 +236,7 @@ def cpu_table(sizes: Sizes, judge: nn.Module) -> list[Row]:
               f"{report.samples.min_class_share:.1%}, FID ratio {report.fid_ratio:.2f}", flush=True)
         return report.recognisable()
 
+    # lesson 07's CPU settings: batch 64, learning rate 1e-3
     run = minidiff_training(sizes, judge, False, sizes.train_seconds, CPU_UNET, 64, recognisable,
                             stop_when_reached=True, evaluate_every=sizes.eval_every)
     threads = torch.get_num_threads()
