@@ -1,10 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from minidiff.metrics import compare_to_data, energy_distance, sliced_wasserstein
+from minidiff.metrics import compare_to_data, energy_distance, frechet_distance, sliced_wasserstein
 
 
 def expected_abs(mean: float, std: float) -> float:
@@ -56,3 +57,18 @@ def test_compare_to_data_baseline_and_errors() -> None:
         energy_distance(torch.zeros(5, 2), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="equal sizes"):
         sliced_wasserstein(torch.zeros(5, 2), torch.zeros(6, 2))
+
+
+def test_the_frechet_baseline_grows_like_d_squared_over_n() -> None:
+    """Two N-samples of the same N(0, I_d): E[d²] ≈ 2d/N (means) + d(d+1)/(2N) (covariances), an O(d²/N) bias.
+
+    The expansion is independent of the library (second-order perturbation of the matrix square root); the
+    statement it replaces, "about tr Σ / N", is off by a factor of about (d + 5)/2.
+    """
+    generator = torch.Generator().manual_seed(0)
+    for d, n in ((8, 400), (24, 400)):
+        values = [frechet_distance(torch.randn(n, d, generator=generator, dtype=torch.float64),
+                                   torch.randn(n, d, generator=generator, dtype=torch.float64)) for _ in range(30)]
+        expected = 2 * d / n + d * (d + 1) / (2 * n)
+        assert abs(np.mean(values) / expected - 1) < 0.15, (d, n, np.mean(values), expected)
+        assert np.mean(values) > 3 * d / n  # far above "tr Σ / N" = d / N

@@ -158,7 +158,9 @@ def test_prediction_conversions_recover_the_truth(schedule: NoiseSchedule) -> No
     assert torch.allclose(schedule.x0_from_v(x_t, t, v), x0, atol=1e-8)
 
 
-def test_posterior_coefficients_reproduce_the_paper_formula(schedule: NoiseSchedule) -> None:
+def test_posterior_coefficients_transcribe_the_paper_formula(schedule: NoiseSchedule) -> None:
+    """A transcription test: it re-types Ho et al.'s eq. 7 and can only catch typos. The derivation itself is
+    checked independently, by Bayes' rule on a grid, in tests/test_elbo.py."""
     t = 250
     a_bar, a_bar_prev, beta = schedule.alpha_bars[t], schedule.alpha_bars[t - 1], schedule.betas[t]
     assert schedule.posterior_variances[t] == pytest.approx((beta * (1 - a_bar_prev) / (1 - a_bar)).item())

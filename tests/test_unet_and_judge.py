@@ -23,11 +23,15 @@ def test_unet_keeps_the_image_shape_at_28_and_32(size: int, mults: tuple[int, ..
 
 
 def test_unet_starts_at_zero_and_blocks_start_as_identity() -> None:
-    """The last convolutions are zero-initialised: an untrained net predicts ε = 0, every block is the identity."""
+    """The last convolutions are zero-initialised: an untrained net predicts ε = 0, every block is its skip path."""
     model = UNet(TINY)
     assert torch.equal(model(torch.randn(2, 1, 28, 28), torch.tensor([3, 7])), torch.zeros(2, 1, 28, 28))
     block, h = ResidualBlock(8, 8, 16), torch.randn(2, 8, 5, 5)
     assert torch.allclose(block(h, torch.randn(2, 16)), h)
+    # a block that changes the channels starts as its 1×1 skip convolution, not as the identity
+    widening = ResidualBlock(8, 16, 16)
+    assert torch.allclose(widening(h, torch.randn(2, 16)), widening.skip(h))
+    assert not torch.allclose(widening.skip(h)[:, :8], h)
     attention = Attention(8, heads=2)
     assert torch.allclose(attention(h), h)
 
