@@ -239,6 +239,17 @@ class NoiseSchedule:
         alpha_bar = self.gather(self.alpha_bars, t, x0, lowest=0)
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
 
+    def q_mean_variance_between(self, x_s: torch.Tensor, s: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(x_t | x_s) for s < t: mean √(ᾱ_t/ᾱ_s) x_s, variance 1 − ᾱ_t/ᾱ_s (lesson 01, eq. 3b).
+
+        The jump between two noise levels that DDIM and every strided sampler use (lesson 08); s = 0 gives (3).
+        """
+        s, t = int(self.check_timesteps(s, lowest=0)), int(self.check_timesteps(t, lowest=0))
+        if not s < t:
+            raise ValueError(f"q(x_t | x_s) needs s < t, got s={s}, t={t}")
+        ratio = float(self.alpha_bars[t] / self.alpha_bars[s])
+        return ratio**0.5 * x_s, torch.full_like(x_s, 1.0 - ratio)
+
     # -- the posterior q(x_{t−1} | x_t, x_0) (derived in lesson 02) -----------------------
 
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: Timesteps) -> torch.Tensor:

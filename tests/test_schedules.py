@@ -209,3 +209,19 @@ def test_shape_mismatch_errors_name_the_arguments(schedule: NoiseSchedule) -> No
         schedule.q_sample(torch.zeros(2, 3), 5, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="x_t"):
         schedule.x0_from_eps(torch.zeros(2, 3), 5, torch.zeros(3, 3))
+
+
+def test_the_jump_between_two_noise_levels_composes_the_single_steps(schedule: NoiseSchedule) -> None:
+    """q(x_t | x_s) (lesson 01, eq. 3b) against the single steps (2) composed one by one: the mean is multiplied
+    by √α_i and the variance follows v ← α_i v + β_i, for i = s+1..t. The closed form uses ᾱ_t/ᾱ_s instead."""
+    x_s = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    for s, t in ((0, 1), (0, 500), (120, 121), (120, 700), (999, 1000)):
+        factor, variance = 1.0, 0.0
+        for i in range(s + 1, t + 1):
+            alpha, beta = float(schedule.alphas[i]), float(schedule.betas[i])
+            factor, variance = factor * alpha**0.5, alpha * variance + beta
+        mean, var = schedule.q_mean_variance_between(x_s, s, t)
+        assert torch.allclose(mean, factor * x_s, rtol=1e-10)
+        assert torch.allclose(var, torch.full_like(x_s, variance), rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="needs s < t"):
+        schedule.q_mean_variance_between(x_s, 500, 500)

@@ -1,5 +1,6 @@
 """Lesson 05: the SDE view, checked against closed forms and the exact mixture density."""
 
+import itertools
 import math
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 from scipy import integrate, stats
 
 from minidiff.metrics import compare_to_data, mixture_log_likelihood
-from minidiff.oracles import mixture_time_score
+from minidiff.oracles import mixture_eps_model, mixture_time_score, noised_mixture
+from minidiff.samplers import ddpm_step
 from minidiff.schedules import NoiseSchedule
 from minidiff.score import annealed_langevin, geometric_sigmas
 from minidiff.sde import (
@@ -142,3 +144,24 @@ def test_bad_inputs(vp: VPSDE) -> None:
         ode_euler(lambda x, s: x, torch.zeros(1, 2), 1.0, 0.0, 0)
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         ode_log_likelihood(vp, lambda x, s: x, torch.zeros(2, 2, 2))
+
+
+def test_a_ddpm_step_is_euler_maruyama_of_the_reverse_sde_to_first_order() -> None:
+    """Lesson 05: with g² Δs = β_t, Euler–Maruyama of the reverse VP SDE (3) reads
+    x_{t−1} = x_t + β_t (½ x_t + ∇log q_t(x_t)) + √β_t z, while DDPM's step is (x_t + β_t ∇log q_t)/√(1 − β_t) + √β_t z
+    (σ² = β). They differ by O(β²): halving β must divide the gap by about 4 (by 2 if a term of order β were off).
+    The Euler–Maruyama step is written here from the SDE, with the exact score of the noised mixture."""
+    mixture = eight_gaussians_mixture()
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gaps = []
+    for beta in (0.02, 0.01, 0.005):
+        schedule = NoiseSchedule(torch.full((round(1.4 / beta),), beta))
+        t = schedule.T // 2  # ᾱ_t ≈ e^{-0.7} for every β
+        score = noised_mixture(mixture, schedule, t).score(x)
+        euler_maruyama_step = x + beta * (0.5 * x + score) + beta**0.5 * z
+        eps = mixture_eps_model(mixture, schedule)(x, torch.full((64,), t))
+        gaps.append((ddpm_step(x, eps, t, schedule, z) - euler_maruyama_step).abs().max().item())
+    assert gaps[0] < 0.02 * 0.02 * 10  # of order β²
+    for larger, smaller in itertools.pairwise(gaps):
+        assert 3.5 < larger / smaller < 4.5, gaps
