@@ -24,7 +24,7 @@ refuses it).
 Adapters (each a closure returning the other kind):
 
 * :func:`score_from_eps`: ε-model → continuous-time score, −ε(x, sT)/√(1 − ᾱ(s)) (lesson 05).
-* :func:`eps_from_score`: continuous-time score → ε-model, −√(1 − ᾱ_t) score(x, t/T) (lesson 04, eq. 9).
+* :func:`eps_from_score`: continuous-time score → ε-model, −√(1 − ᾱ_t) score(x, t/T) (lesson 04, eq. 6).
 * :func:`at_level`: continuous-time score → the score of one level, for Langevin at that level.
 * :func:`eps_from_velocity`: a velocity model of the straight path x_τ = (1 − τ) x_0 + τ ε → ε-model of a
   variance-preserving schedule, by rescaling x_t and mapping t to τ (lesson 14).

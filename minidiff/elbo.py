@@ -125,7 +125,7 @@ def model_mean_variance(schedule: NoiseSchedule, x_t: torch.Tensor, t: Timesteps
 
 
 def elbo_weights(schedule: NoiseSchedule, variance: str = "beta") -> torch.Tensor:
-    """λ_t = β_t² / (2 σ_t² α_t (1 − ᾱ_t)) for t = 0..T (λ_0 = 0), the weight in lesson 02, eq. 12:
+    """λ_t = β_t² / (2 σ_t² α_t (1 − ᾱ_t)) for t = 0..T (λ_0 = 0), the weight in lesson 02, eq. 10:
 
     L_{t−1} = λ_t E‖ε − ε_θ‖² + a constant that does not depend on θ (zero when σ_t² = β̃_t).
     """

@@ -176,7 +176,10 @@ class JudgeReport:
 
     @property
     def fid_ratio(self) -> float:
-        """classifier-FID of the samples over the real-vs-real baseline: about 1 for a perfect model."""
+        """classifier-FID of the samples over the real-vs-real baseline: about 1 for a perfect model.
+
+        NaN when there were no more samples than features (the classifier-FID is then not computed).
+        """
         return self.samples.classifier_fid / self.real.classifier_fid
 
     def recognisable(self, confidence: float = 0.9, share: float = 0.05) -> bool:
@@ -190,15 +193,20 @@ class JudgeReport:
         for label, name, style in rows:
             lines.append(f"{label:<20}{style.format(getattr(self.samples, name)):>10}"
                          f"{style.format(getattr(self.real, name)):>10}")
-        lines.append(f"FID ratio (samples / real-vs-real): {self.fid_ratio:.2f}")
+        if self.fid_ratio == self.fid_ratio:
+            lines.append(f"FID ratio (samples / real-vs-real): {self.fid_ratio:.2f}")
+        else:
+            lines.append("FID: not reported with no more samples than the judge's 128 features (lesson 07)")
         return "\n".join(lines)
 
 
 def _verdict(judge: nn.Module, images: torch.Tensor, reference_features: torch.Tensor) -> JudgeVerdict:
     probabilities, features = classify(judge, images)
     shares = torch.bincount(probabilities.argmax(dim=1), minlength=NUM_CLASSES).double() / len(images)
-    return JudgeVerdict(len(images), frechet_distance(features, reference_features),
-                        probabilities.max(dim=1).values.mean().item(), shares.tolist())
+    # With no more images than feature dimensions the sample covariances are singular and the Fréchet distance is
+    # dominated by its O(d²/N) bias (lesson 07): report none rather than a number that means little.
+    fid = frechet_distance(features, reference_features) if len(images) > features.shape[1] else float("nan")
+    return JudgeVerdict(len(images), fid, probabilities.max(dim=1).values.mean().item(), shares.tolist())
 
 
 def judge_samples(judge: nn.Module, samples: torch.Tensor) -> JudgeReport:

@@ -38,7 +38,7 @@ def noised_mixture(mixture: GaussianMixture, schedule: NoiseSchedule, t: Timeste
 
 
 def mixture_eps_model(mixture: GaussianMixture, schedule: NoiseSchedule) -> EpsModel:
-    """(x_t, t) ↦ −√(1 − ᾱ_t) ∇ log q_t(x_t): the best possible ε-predictor for mixture data (lesson 04, eq. 9)."""
+    """(x_t, t) ↦ −√(1 − ᾱ_t) ∇ log q_t(x_t): the best possible ε-predictor for mixture data (lesson 04, eq. 6)."""
     def eps(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return per_timestep(x, timesteps, lambda t, rows: -(1 - schedule.alpha_bars[t].item()) ** 0.5
                             * noised_mixture(mixture, schedule, t).score(rows))

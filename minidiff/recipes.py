@@ -125,10 +125,13 @@ def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | No
 def _diffusion_card_metrics(samples: torch.Tensor, judge: nn.Module) -> dict[str, Any]:
     report = judge_samples(judge, samples)
     print(report)
+    def rounded(value: float) -> float | None:  # NaN (too few samples for a classifier-FID) is stored as null
+        return round(value, 3) if value == value else None
+
     return {"samples": report.samples.count, "sampler": "DDPM ancestral, 1000 steps, sigma^2 = beta",
-            "classifier_fid": round(report.samples.classifier_fid, 3),
-            "classifier_fid_real_vs_real": round(report.real.classifier_fid, 3),
-            "fid_ratio": round(report.fid_ratio, 3), "mean_confidence": round(report.samples.mean_confidence, 4),
+            "classifier_fid": rounded(report.samples.classifier_fid),
+            "classifier_fid_real_vs_real": rounded(report.real.classifier_fid),
+            "fid_ratio": rounded(report.fid_ratio), "mean_confidence": round(report.samples.mean_confidence, 4),
             "min_class_share": round(report.samples.min_class_share, 4)}
 
 

@@ -109,7 +109,7 @@ class NoiseSchedule:
     * ``alphas``      α_t = 1 − β_t
     * ``alpha_bars``  ᾱ_t = Π_{s=1}^t α_s, the signal kept after t steps (ᾱ_0 = 1)
     * ``snr``         ᾱ_t / (1 − ᾱ_t), the signal-to-noise ratio of q(x_t | x_0) (∞ at t = 0)
-    * ``posterior_variances``  β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) (lesson 02, eq. for q(x_{t−1} | x_t, x_0))
+    * ``posterior_variances``  β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) (variance of q(x_{t−1} | x_t, x_0), lesson 02 §2)
     * ``posterior_x0_coefs``, ``posterior_xt_coefs``: μ̃_t = coef_x0 · x_0 + coef_xt · x_t
     """
 
@@ -226,12 +226,12 @@ class NoiseSchedule:
         return sqrt_alpha * x_prev + sqrt_beta * noise
 
     def q_mean_variance(self, x0: torch.Tensor, t: Timesteps) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean √ᾱ_t x_0 and variance (1 − ᾱ_t) of the closed form q(x_t | x_0) (lesson 01, eq. 4); t in 0..T."""
+        """Mean √ᾱ_t x_0 and variance (1 − ᾱ_t) of the closed form q(x_t | x_0) (lesson 01, eq. 3); t in 0..T."""
         alpha_bar = self.gather(self.alpha_bars, t, x0, lowest=0)
         return alpha_bar.sqrt() * x0, (1.0 - alpha_bar).expand_as(x0)
 
     def q_sample(self, x0: torch.Tensor, t: Timesteps, noise: torch.Tensor) -> torch.Tensor:
-        """Jump straight to step t: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, a sample of q(x_t | x_0) (lesson 01, eq. 4).
+        """Jump straight to step t: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, a sample of q(x_t | x_0) (lesson 01, eq. 3).
 
         t in 0..T (t = 0 returns x_0). ``noise`` is ε ~ N(0, I) with the shape of ``x0``.
         """

@@ -1,7 +1,7 @@
 """Scores, score matching and Langevin dynamics (lesson 04).
 
 The score of a density p is s(x) = ∇_x log p(x). It needs no normalising constant, and it is what a
-diffusion model learns: ε_θ(x_t, t) = −√(1 − ᾱ_t) ∇ log q_t(x_t) (lesson 04, eq. 9; see
+diffusion model learns: ε_θ(x_t, t) = −√(1 − ᾱ_t) ∇ log q_t(x_t) (lesson 04, eq. 6; see
 ``NoiseSchedule.score_from_eps`` / ``eps_from_score``). A score model here is a
 :data:`~minidiff.contracts.LevelScore` ``score(x)`` of one density, or a :data:`~minidiff.contracts.SigmaScore`
 ``score(x, σ)`` of the data at noise level σ; all losses return a scalar to minimise. The exact scores of
@@ -78,7 +78,7 @@ def sliced_score_matching_loss(score_model: LevelScore, x: torch.Tensor, generat
 @torch.no_grad()
 def langevin(score_fn: LevelScore, x_init: torch.Tensor, step_size: float, steps: int,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Unadjusted Langevin dynamics: x ← x + η ∇ log p(x) + √(2η) z (lesson 04, eq. 7).
+    """Unadjusted Langevin dynamics: x ← x + η ∇ log p(x) + √(2η) z (lesson 04, §3).
 
     For small η and many steps the iterates follow p. ``x_init`` is not modified.
     """
@@ -96,7 +96,7 @@ def langevin(score_fn: LevelScore, x_init: torch.Tensor, step_size: float, steps
 def annealed_langevin(score_fn: SigmaScore, x_init: torch.Tensor,
                       sigmas: Sequence[float], steps_per_level: int, step_scale: float,
                       generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1; lesson 04, eq. 8).
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1; lesson 04, §3).
 
     For each noise level σ_i from largest to smallest, run ``steps_per_level`` Langevin steps on
     p_{σ_i} with step size η_i = step_scale · σ_i² / σ_L², so that the signal-to-noise of each step is

@@ -206,7 +206,7 @@ def reverse_sde_sample(sde: SDE, score_fn: TimeScore, x_T: torch.Tensor, steps: 
 
 
 def probability_flow_drift(sde: SDE, score_fn: TimeScore) -> Drift:
-    """v(x, s) = f(x, s) − ½ g(s)² ∇ log p_s(x): the ODE whose solutions carry p_1 to p_0 (lesson 05, eq. 7)."""
+    """v(x, s) = f(x, s) − ½ g(s)² ∇ log p_s(x): the ODE whose solutions carry p_1 to p_0 (lesson 05, eq. 4)."""
     def drift(x: torch.Tensor, s: float) -> torch.Tensor:
         return sde.drift(x, s) - 0.5 * sde.diffusion_coefficient(s) ** 2 * score_fn(x, s)
     return drift
@@ -278,7 +278,7 @@ def divergence(drift: Drift, x: torch.Tensor, s: float) -> tuple[torch.Tensor, t
 
 def ode_log_likelihood(sde: SDE, score_fn: TimeScore, x0: torch.Tensor, s_min: float = 1e-3, rtol: float = 1e-6,
                        atol: float = 1e-6) -> tuple[torch.Tensor, int]:
-    """log p_{s_min}(x0) per example through the probability-flow ODE (Song et al. 2021, eq. 39; lesson 05, eq. 9).
+    """log p_{s_min}(x0) per example through the probability-flow ODE (Song et al. 2021, eq. 39; lesson 05, eq. 5).
 
     Integrates x and ∫ div v ds together from s_min to 1, then
     log p_{s_min}(x(s_min)) = log N(x(1); 0, prior_std² I) + ∫_{s_min}^1 div v(x(s), s) ds.

@@ -47,3 +47,17 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 def test_readme_has_one_setup_and_one_open_command() -> None:
     assert len(readme_block("### Set up")) == 1
     assert readme_block("### Open the course") == ["jupyter lab notebooks/"]
+
+
+def test_docstring_equation_numbers_exist_in_their_lessons() -> None:
+    """Every "lesson NN, eq. K" in the library names an equation that lesson tags as (K)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    tags = {path.name[:2]: set(re.findall(r"\\tag\{([^}]+)\}", path.read_text(encoding="utf-8")))
+            for path in (root / "lessons").glob("*.md")}
+    missing = [f"{path.name}: {match.group(0)}" for path in sorted((root / "minidiff").glob("*.py"))
+               for match in re.finditer(r"lesson (\d\d), eqs?\. ([0-9][0-9a-z]*)", path.read_text(encoding="utf-8"))
+               if match.group(2) not in tags.get(match.group(1), set())]
+    assert not missing, missing

@@ -186,3 +186,13 @@ def test_judge_report_flags_mode_collapse_and_accepts_real_digits() -> None:
         judge_samples(judge, train[:1001])
     with pytest.raises(ValueError, match=r"\[N, 1, 28, 28\]"):
         classify(judge, torch.zeros(3, 28, 28))
+
+
+def test_no_classifier_fid_with_no_more_samples_than_features() -> None:
+    """With N ≤ d = 128 the covariances are singular: the report gives NaN and says why, not a number."""
+    judge = minidiff.pretrained("judge")
+    train = load_mnist("train")[0]
+    small = judge_samples(judge, train[:100])
+    assert small.fid_ratio != small.fid_ratio and "not reported" in str(small)
+    large = judge_samples(judge, train[:200])
+    assert large.fid_ratio == large.fid_ratio and "FID ratio" in str(large)
