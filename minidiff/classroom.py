@@ -100,8 +100,14 @@ def _exercise_name(lines: list[str], default: str) -> str:
     return default
 
 
-def strip_solutions(source: str, default_name: str = "this exercise") -> str:
-    """Replace each ``### BEGIN SOLUTION`` … ``### END SOLUTION`` region by a stub that raises.
+def _is_marker(line: str, word: str) -> bool:
+    """nbgrader's rule: a line that contains "BEGIN SOLUTION" (or "END SOLUTION") is a marker, whatever surrounds
+    it (``## BEGIN SOLUTION``, ``# BEGIN SOLUTION  (hidden)``, …). A narrower rule would leak solutions."""
+    return f"{word} SOLUTION" in line
+
+
+def strip_solutions(source: str, default_name: str = "this exercise", markdown: bool = False) -> str:
+    """Replace each BEGIN SOLUTION … END SOLUTION region by a stub (code: one that raises; markdown: a prompt).
 
     The stub keeps the indentation of the BEGIN marker, so a solution inside a function body
     leaves a valid function. Unbalanced markers are an error rather than a silent leak.
@@ -111,15 +117,14 @@ def strip_solutions(source: str, default_name: str = "this exercise") -> str:
     out: list[str] = []
     inside = False
     for number, line in enumerate(lines, start=1):
-        stripped = line.strip()
-        if stripped == BEGIN_SOLUTION:
+        if _is_marker(line, "BEGIN"):
             if inside:
                 raise ValueError(f"line {number}: {BEGIN_SOLUTION} inside another solution region")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
-            out.append(f"{indent}# YOUR CODE HERE")
-            out.append(f"{indent}raise NotImplementedError({name!r})")
-        elif stripped == END_SOLUTION:
+            out.extend(["YOUR ANSWER HERE"] if markdown else
+                       [f"{indent}# YOUR CODE HERE", f"{indent}raise NotImplementedError({name!r})"])
+        elif _is_marker(line, "END"):
             if not inside:
                 raise ValueError(f"line {number}: {END_SOLUTION} without a matching {BEGIN_SOLUTION}")
             inside = False
@@ -130,35 +135,71 @@ def strip_solutions(source: str, default_name: str = "this exercise") -> str:
     return "\n".join(out)
 
 
+def _is_solution_cell(cell: dict) -> bool:
+    return bool(cell.get("metadata", {}).get("nbgrader", {}).get("solution"))
+
+
+def has_solutions(notebook: dict) -> bool:
+    """True if any cell holds a solution: a BEGIN SOLUTION marker or nbgrader's ``solution`` metadata."""
+    return any(_is_solution_cell(cell) or _is_marker(_source(cell), "BEGIN") for cell in notebook["cells"])
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
 def release_notebook(notebook: dict) -> dict:
-    """Return the student version of a notebook (as parsed JSON): solutions stubbed, outputs cleared."""
+    """Return the student version of a notebook (as parsed JSON): solutions stubbed, outputs cleared.
+
+    As nbgrader does: marked regions become stubs, in code and markdown cells alike; a cell that nbgrader's metadata
+    calls a solution but that has no markers is replaced whole.
+    """
     released = json.loads(json.dumps(notebook))  # a deep copy that keeps the format exactly
     for cell in released["cells"]:
-        if cell["cell_type"] != "code":
-            continue
-        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-        if BEGIN_SOLUTION in source:
-            source = strip_solutions(source)
-            cell["source"] = source.splitlines(keepends=True)
-        cell["outputs"] = []
-        cell["execution_count"] = None
+        source, markdown = _source(cell), cell["cell_type"] == "markdown"
+        if _is_marker(source, "BEGIN"):
+            source = strip_solutions(source, markdown=markdown)
+        elif _is_solution_cell(cell):
+            name = _exercise_name(source.splitlines(), "this exercise")
+            source = "YOUR ANSWER HERE" if markdown else f"# YOUR CODE HERE\nraise NotImplementedError({name!r})"
+        cell["source"] = source.splitlines(keepends=True)
+        if cell["cell_type"] == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
     return released
 
 
-def release(source_dir: Path, output_dir: Path) -> list[Path]:
-    """Write the student version of every ``*.ipynb`` in ``source_dir`` into ``output_dir``; return the paths."""
+def release(source_dir: Path, output_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Write the student version of every ``*.ipynb`` in ``source_dir`` into ``output_dir``; return the paths.
+
+    Nothing is written unless every notebook can be: an existing output notebook is kept unless ``overwrite``, and
+    one that holds solutions (an instructor's file) is never overwritten. A source without any solution is
+    refused too: it is already a student version, and the two folders were probably given the wrong way round.
+    """
     source_dir, output_dir = Path(source_dir), Path(output_dir)
     notebooks = sorted(source_dir.glob("*.ipynb"))
     if not notebooks:
         raise ValueError(f"no notebooks (*.ipynb) found in {source_dir}")
     if output_dir.resolve() == source_dir.resolve():
         raise ValueError("the output folder must differ from the source folder (it would overwrite the solutions)")
+    parsed = {path: json.loads(path.read_text(encoding="utf-8")) for path in notebooks}
+    if not any(has_solutions(notebook) for notebook in parsed.values()):
+        raise ValueError(f"no solutions found in {source_dir}: it looks like student versions already. Did you swap "
+                         "the folders? The usage is: release INSTRUCTOR_NOTEBOOKS STUDENT_FOLDER")
+    for path in notebooks:
+        target = output_dir / path.name
+        if target.exists():
+            if has_solutions(json.loads(target.read_text(encoding="utf-8"))):
+                raise ValueError(f"refusing to overwrite {target}: it contains solutions (an instructor's notebook). "
+                                 "Did you swap the folders?")
+            if not overwrite:
+                raise ValueError(f"{target} exists; pass --overwrite to replace the student versions in {output_dir}")
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in notebooks:
-        student = release_notebook(json.loads(path.read_text(encoding="utf-8")))
+    for path, notebook in parsed.items():
         target = output_dir / path.name
-        target.write_text(json.dumps(student, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        target.write_text(json.dumps(release_notebook(notebook), indent=1, ensure_ascii=False) + "\n",
+                          encoding="utf-8")
         written.append(target)
     return written
 
@@ -170,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     release_parser = commands.add_parser("release", help="write student versions of the notebooks")
     release_parser.add_argument("source", type=Path, help="folder with the instructor's notebooks")
     release_parser.add_argument("output", type=Path, help="folder for the student notebooks")
+    release_parser.add_argument("--overwrite", action="store_true",
+                                help="replace student notebooks already in OUTPUT (never an instructor's)")
     arguments = parser.parse_args(argv)
-    written = release(arguments.source, arguments.output)
+    try:
+        written = release(arguments.source, arguments.output, arguments.overwrite)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -46,6 +46,15 @@ def _start(x_T: torch.Tensor) -> torch.Tensor:
     return x_T
 
 
+def _finite(x: torch.Tensor, sampler: str) -> torch.Tensor:
+    """Return a sampler's result, or stop with a clear error if it holds NaN or inf (never a silent wrong result)."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"{sampler} produced NaN or inf: the ε-model returned non-finite values, or a wrapper (guidance scale, "
+            "thresholding) or the schedule pushed the state out of range. Check the model's output on x_T first.")
+    return x
+
+
 def _report(callback: Callback | None, schedule: NoiseSchedule, i: int, t: int, t_next: int, x_t: torch.Tensor,
             eps: torch.Tensor, x: torch.Tensor) -> None:
     """Call ``callback`` with the state after a step from ``x_t`` (where the model said ``eps``) to ``x``.
@@ -82,7 +91,7 @@ def ddpm_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor,
         eps, x_t = eps_model(x, _timesteps(x, t)).to(x.dtype), x
         x = ddpm_step(x, eps, t, schedule, randn_like(x, generator) if t > 1 else torch.zeros_like(x), variance)
         _report(callback, schedule, i, t, t - 1, x_t, eps, x)
-    return x
+    return _finite(x, "DDPM")
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,7 +189,7 @@ def ddim_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tensor,
         z = randn_like(x, generator) if eta > 0 and t_next > 0 else torch.zeros_like(x)
         x = ddim_step(x, eps, float(schedule.alpha_bars[t]), float(schedule.alpha_bars[t_next]), eta, z)
         _report(callback, schedule, i, t, t_next, x_t, eps, x)
-    return x
+    return _finite(x, "DDIM")
 
 
 @torch.no_grad()
@@ -224,7 +233,7 @@ def pf_ode_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torch.Tenso
             x_bar_next = x_bar + d_sigma_bar * 0.5 * (slope + slope_next)
         x_bar = x_bar_next
         _report(callback, schedule, i, t, t_next, x_t, slope, x_bar * sqrt_alpha_bar(t_next))
-    return x_bar
+    return _finite(x_bar, "the PF-ODE solver")
 
 
 @torch.no_grad()
@@ -264,7 +273,7 @@ def dpm_solver_pp_sample(eps_model: EpsModel, schedule: NoiseSchedule, x_T: torc
             previous_h = h
         previous_x0 = x0
         _report(callback, schedule, i, t, t_next, x_t, eps, x)
-    return x
+    return _finite(x, "DPM-Solver++(2M)")
 
 
 @torch.no_grad()
@@ -285,7 +294,7 @@ def ddim_invert(eps_model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor, 
         x0_pred = schedule.x0_from_eps(x, t_low, eps) if t_low > 0 else x
         alpha_bar = float(schedule.alpha_bars[t])
         x = alpha_bar**0.5 * x0_pred + (1 - alpha_bar) ** 0.5 * eps
-    return x
+    return _finite(x, "DDIM inversion")
 
 
 def slerp(z0: torch.Tensor, z1: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,10 @@ class NoiseSchedule:
             bad = betas[(betas <= 0) | (betas >= 1)][0].item()
             raise ValueError(f"every beta must lie strictly inside (0, 1); found {bad}")
         self.T = betas.numel()
+        alpha_bar_T = float(torch.prod(1.0 - betas))
+        if alpha_bar_T < 1e-30:  # float32 (samples, networks) cannot represent √ᾱ_T and 1/√ᾱ_T any more
+            raise ValueError(f"this schedule's ᾱ_T = {alpha_bar_T:.3g} underflows float32 arithmetic (x̂_0 = x_t/√ᾱ_t "
+                             "becomes inf, then NaN): use smaller betas or fewer steps (ᾱ_T ≥ 1e-30)")
         zero = torch.zeros(1, dtype=torch.float64)
         self.betas = torch.cat([zero, betas])
         self.alphas = 1.0 - self.betas
@@ -236,6 +240,10 @@ class NoiseSchedule:
         t in 0..T (t = 0 returns x_0). ``noise`` is ε ~ N(0, I) with the shape of ``x0``.
         """
         _check_same_shape(x0=x0, noise=noise)
+        for name, tensor in (("x0", x0), ("noise", noise)):
+            if not tensor.is_floating_point():  # an integer ᾱ_t would round to 0 or 1: pure noise, silently
+                raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}; scale 8-bit images to "
+                                 "[-1, 1] first, e.g. x0 = images.float() / 127.5 - 1")
         alpha_bar = self.gather(self.alpha_bars, t, x0, lowest=0)
         return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
 

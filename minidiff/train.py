@@ -224,6 +224,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
     use_graph = speed.target.type == "cuda" and cuda_graph is not False
     optimizer = speed.prepare(model, lr, weight_decay, capturable=use_graph)
     result = result or TrainResult()
+    if result.ema is not None:  # continuing a run: its EMA must average this very network, not another one
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        if shapes != {name: tuple(p.shape) for name, p in result.ema.model.named_parameters()}:
+            raise ValueError("result= comes from a run of a different network (its EMA's parameters do not match "
+                             "this model's): pass the result of a run of this model, or none")
     if ema_decay is not None and result.ema is None:
         result.ema = EMA(model, ema_decay)
     if result.ema is not None:

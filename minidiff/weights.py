@@ -74,8 +74,20 @@ def save_weights(model: nn.Module, path: str | Path, card: dict[str, Any] | None
     if type(model).__name__ not in MODEL_CLASSES or not hasattr(model, "config"):
         raise ValueError(f"can only save {sorted(MODEL_CLASSES)} models, got {type(model).__name__}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed (SIGKILL, power cut)
+        stale.unlink(missing_ok=True)
+    state = model.state_dict()
+    for name, value in state.items():
+        if value.is_floating_point():
+            if not torch.isfinite(value).all():
+                raise ValueError(f"refusing to save {name}: it holds NaN or inf (did training diverge?)")
+            largest = value.abs().max().item() if value.numel() else 0.0
+            if largest > torch.finfo(dtype).max:
+                raise ValueError(f"{name} holds {largest:.3g}, beyond {str(dtype).removeprefix('torch.')}'s largest "
+                                 f"value {torch.finfo(dtype).max:.3g}: it would be stored as inf. Save with "
+                                 "dtype=torch.float32")
     tensors = {name: (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
-               for name, value in model.state_dict().items()}
+               for name, value in state.items()}
     _atomic_write(path, lambda temporary: save_file(tensors, temporary))
     card = dict(card or {}) | {
         "model": {"class": type(model).__name__, "config": dataclasses.asdict(model.config)},

@@ -1,5 +1,6 @@
 """Student versions: no solution text, stubs that name the exercise, check cells that fail kindly."""
 
+import json
 import re
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from minidiff.classroom import (
     ExerciseWrong,
     assert_close,
     checking,
+    main,
     release,
+    release_notebook,
     strip_solutions,
 )
 from tests.notebook_tools import NOTEBOOKS, ROOT, cell_source, load, nbgrader
@@ -124,3 +127,44 @@ def test_release_refuses_to_overwrite_the_source(tmp_path: Path) -> None:
         release(ROOT / "notebooks", ROOT / "notebooks")
     with pytest.raises(ValueError, match="no notebooks"):
         release(tmp_path, tmp_path / "out")
+
+
+def _notebook(*cells: dict) -> dict:
+    return {"cells": list(cells), "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _cell(kind: str, source: str, solution: bool = False) -> dict:
+    cell = {"cell_type": kind, "metadata": {"nbgrader": {"solution": True}} if solution else {}, "source": source}
+    return cell | ({"outputs": [], "execution_count": None} if kind == "code" else {})
+
+
+@pytest.mark.parametrize("solution_cell", [
+    _cell("code", "def f():\n    ## BEGIN SOLUTION\n    return 42  # SECRET\n    ## END SOLUTION\n"),
+    _cell("code", "def f():\n    ### BEGIN SOLUTION  (hidden from students)\n    return 42  # SECRET\n"
+                  "    ### END SOLUTION  (done)\n"),
+    _cell("markdown", "Why?\n### BEGIN SOLUTION\nBecause SECRET.\n### END SOLUTION\n"),
+    _cell("code", "def f():\n    return 42  # SECRET\n", solution=True),
+    _cell("markdown", "Because SECRET.", solution=True),
+])
+def test_release_never_leaks_a_solution_nbgrader_would_hide(solution_cell: dict) -> None:
+    """Marker variants that nbgrader accepts, markdown answers and metadata-only solution cells are all stubbed."""
+    released = release_notebook(_notebook(_cell("markdown", "# Title"), solution_cell))
+    assert "SECRET" not in json.dumps(released)
+    assert "YOUR" in "".join(released["cells"][1]["source"])
+
+
+def test_release_protects_the_instructors_files(tmp_path: Path) -> None:
+    """Swapped folders, or an output that already exists, never overwrite anything."""
+    instructor, students = tmp_path / "instructor", tmp_path / "students"
+    instructor.mkdir()
+    original = _notebook(_cell("code", "def f():\n    ### BEGIN SOLUTION\n    return 42\n    ### END SOLUTION\n"))
+    (instructor / "a.ipynb").write_text(json.dumps(original), encoding="utf-8")
+    release(instructor, students)
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        release(instructor, students)
+    release(instructor, students, overwrite=True)
+    with pytest.raises(ValueError, match="swap"):  # the arguments the wrong way round
+        release(students, instructor)
+    assert json.loads((instructor / "a.ipynb").read_text(encoding="utf-8")) == original
+    assert main(["release", str(students), str(instructor), "--overwrite"]) == 2
+    assert json.loads((instructor / "a.ipynb").read_text(encoding="utf-8")) == original

@@ -235,3 +235,27 @@ def test_callbacks_see_every_step_in_order() -> None:
         x_T = start_noise(5)
         expected_x0 = schedule.x0_from_eps(x_T, 100, eps(x_T, torch.full((5,), 100)))
         assert torch.allclose(first["x0"], expected_x0, atol=1e-10), sampler.__name__
+
+
+def test_samplers_stop_on_a_model_that_returns_nan() -> None:
+    schedule = NoiseSchedule.linear(100)
+    x_T = start_noise(8)
+
+    def broken(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t[:, None] > 50, torch.zeros_like(x), torch.full_like(x, float("nan")))
+
+    runs = (lambda: ddpm_sample(broken, schedule, x_T=x_T), lambda: ddim_sample(broken, schedule, x_T=x_T),
+            lambda: pf_ode_sample(broken, schedule, x_T=x_T), lambda: dpm_solver_pp_sample(broken, schedule, x_T=x_T),
+            lambda: ddim_invert(broken, schedule, x_T))
+    for run in runs:
+        with pytest.raises(FloatingPointError, match="NaN or inf"):
+            run()
+
+
+def test_schedules_and_inputs_that_would_give_silent_nonsense_are_refused() -> None:
+    with pytest.raises(ValueError, match="underflows float32"):
+        NoiseSchedule(torch.full((2000,), 0.05))  # ᾱ_T = 0.95^2000 ≈ 1e-45
+    schedule = NoiseSchedule.linear(100)
+    images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="floating-point"):
+        schedule.q_sample(images, 1, torch.randn(2, 1, 4, 4))

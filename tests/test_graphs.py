@@ -168,3 +168,11 @@ def test_graphed_sampling_matches_eager_sampling() -> None:
     x_T = torch.randn(6, 1, 8, 8, device="cuda")
     torch.testing.assert_close(ddim_sample(graphed(model), schedule, x_T, steps=10),
                                ddim_sample(model, schedule, x_T, steps=10), rtol=1e-4, atol=1e-4)
+
+
+def test_continuing_a_run_of_another_network_is_refused() -> None:
+    first = fit(nn.Linear(2, 2), lambda m, x: m(x).pow(2).mean(), lambda: torch.ones(3, 2), 3, device="cpu",
+                progress=False)
+    with pytest.raises(ValueError, match="different network"):
+        fit(nn.Linear(2, 3), lambda m, x: m(x).pow(2).mean(), lambda: torch.ones(3, 2), 3, device="cpu",
+            progress=False, result=first)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,20 @@ def test_an_interrupted_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path
         save_weights(DigitClassifier(), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["judge.json", "judge.safetensors"]
+
+
+def test_saving_refuses_values_float16_cannot_hold_and_clears_stale_temporaries(tmp_path: Path) -> None:
+    model = DigitClassifier()
+    stale = tmp_path / ".judge.safetensors.abc123.tmp"
+    stale.write_bytes(b"half a file")
+    save_weights(model, tmp_path / "judge.safetensors")
+    assert not stale.exists()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = 1e5  # above float16's 65504
+    with pytest.raises(ValueError, match="would be stored as inf"):
+        save_weights(model, tmp_path / "judge.safetensors")
+    save_weights(model, tmp_path / "wide.safetensors", dtype=torch.float32)  # float32 holds it
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_weights(model, tmp_path / "judge.safetensors", dtype=torch.float32)
