@@ -1,6 +1,9 @@
 """Course structure: clean notebooks, one lesson per notebook, everything listed in the README."""
 
 import re
+from pathlib import Path
+
+import pytest
 
 from tests.notebook_tools import LESSONS, NOTEBOOKS, ROOT, cell_source, load
 
@@ -42,3 +45,31 @@ def test_notebooks_size_their_loops_with_budget() -> None:
         assert "budget(" in sources, f"{path.name} never calls budget()"
         assert "cuda" not in sources.replace("torch.cuda.is_available", ""), \
             f"{path.name} hard-codes a device: use minidiff.device()"
+
+
+_DRAWING_CALLS = {"show_images", "scatter2d", "density_contours", "title", "suptitle", "legend", "plot", "bar",
+                  "hist", "imshow", "scatter", "set", "xlabel", "ylabel", "axhline", "axvline", "loglog", "text"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_cell_ends_in_a_bare_drawing_call(path: Path) -> None:
+    """A cell whose last statement is e.g. ``plt.title(...)`` prints a stray ``Text(…)`` or ``<Axes: …>`` under the
+    figure; end it with ``;`` (or assign the result)."""
+    import ast
+
+    offenders = []
+    for cell in load(path)["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = cell_source(cell)
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        last = tree.body[-1] if tree.body else None
+        if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call):
+            function = last.value.func
+            name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+            if name in _DRAWING_CALLS and not source.rstrip().endswith(";"):
+                offenders.append(source.strip().splitlines()[-1][:70])
+    assert not offenders, offenders

@@ -46,7 +46,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 def test_readme_has_one_setup_and_one_open_command() -> None:
     assert len(readme_block("### Set up")) == 1
-    assert readme_block("### Open the course") == ["jupyter lab notebooks/"]
+    assert readme_block("### Open the course") == ["python -m minidiff.course"]
 
 
 def test_docstring_equation_numbers_exist_in_their_lessons() -> None:
@@ -61,3 +61,23 @@ def test_docstring_equation_numbers_exist_in_their_lessons() -> None:
                for match in re.finditer(r"lesson (\d\d), eqs?\. ([0-9][0-9a-z]*)", path.read_text(encoding="utf-8"))
                if match.group(2) not in tags.get(match.group(1), set())]
     assert not missing, missing
+
+
+def test_the_course_opens_at_the_root_with_lessons_rendered_and_linked() -> None:
+    """The open command serves the repository's root (so lessons/ is reachable), opens notebook 01, and makes
+    Markdown open as a rendered preview; every notebook's first cell links to its lesson."""
+    import json as json_module
+    from pathlib import Path
+
+    from minidiff.course import SETTINGS, lab_command
+
+    command = lab_command()
+    root = Path(__file__).resolve().parent.parent
+    assert f"--ServerApp.root_dir={root}" in command
+    assert any(part.endswith("/lab/tree/notebooks/01_forward_process.ipynb") for part in command)
+    overrides = json_module.loads((SETTINGS / "overrides.json").read_text(encoding="utf-8"))
+    assert overrides["@jupyterlab/docmanager-extension:plugin"]["defaultViewers"]["markdown"] == "Markdown Preview"
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+        first = "".join(json_module.loads(notebook.read_text(encoding="utf-8"))["cells"][0]["source"])
+        assert f"(../lessons/{notebook.stem}.md)" in first, notebook.name
+        assert (root / "lessons" / f"{notebook.stem}.md").exists()
