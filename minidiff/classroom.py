@@ -37,11 +37,20 @@ END_SOLUTION = "### END SOLUTION"
 _EXERCISE_TITLE = re.compile(r"^\s*#\s*(Exercise\s+[\w.]+)\s*[:—-]?\s*(.*)$", re.IGNORECASE)
 
 
-class ExerciseNotDone(AssertionError):
+class _ShortReport(AssertionError):
+    """An assertion whose report in Jupyter is its message alone: the friendly sentence, not a traceback through
+    contextlib and this module. (IPython shows ``_render_traceback_()`` instead of the traceback; nbgrader still
+    sees a failed cell.)"""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\033[31m✗ {self}\033[0m"]
+
+
+class ExerciseNotDone(_ShortReport):
     """A check found the student's stub still in place."""
 
 
-class ExerciseWrong(AssertionError):
+class ExerciseWrong(_ShortReport):
     """A check found an answer that does not match the reference."""
 
 
@@ -84,6 +93,21 @@ def assert_close(got: torch.Tensor | float, expected: torch.Tensor | float, what
     if not torch.allclose(got64, expected64, rtol=rtol, atol=atol):
         worst = (got64 - expected64).abs().max().item()
         raise AssertionError(f"{what} differs from the reference by up to {worst:.3g}. {hint}".strip())
+
+
+def diagnose(got: torch.Tensor | float, mistakes: dict[str, torch.Tensor | float], otherwise: str,
+             rtol: float = 1e-4, atol: float = 1e-5) -> str:
+    """The hint for the first known mistake that ``got`` reproduces, else ``otherwise``.
+
+    ``mistakes`` maps a hint to what the answer would be with that mistake, so that feedback names the slip the
+    student made ("both coefficients are square roots") instead of repeating the formula.
+    """
+    got_tensor = torch.as_tensor(got).double().cpu()
+    for hint, wrong in mistakes.items():
+        wrong_tensor = torch.as_tensor(wrong).double().cpu()
+        if wrong_tensor.shape == got_tensor.shape and torch.allclose(got_tensor, wrong_tensor, rtol=rtol, atol=atol):
+            return hint
+    return otherwise
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from minidiff.classroom import (
     ExerciseWrong,
     assert_close,
     checking,
+    diagnose,
     main,
     release,
     release_notebook,
@@ -168,3 +169,65 @@ def test_release_protects_the_instructors_files(tmp_path: Path) -> None:
     assert json.loads((instructor / "a.ipynb").read_text(encoding="utf-8")) == original
     assert main(["release", str(students), str(instructor), "--overwrite"]) == 2
     assert json.loads((instructor / "a.ipynb").read_text(encoding="utf-8")) == original
+
+
+def _run_until(notebook: str, grade_id: str, replacement: str) -> None:
+    """Execute a notebook's code cells in fast mode up to and including the check cell ``grade_id``, with the
+    solution cell just before it replaced by ``replacement`` (a plausible wrong answer)."""
+    import os
+
+    cells = load(ROOT / "notebooks" / notebook)["cells"]
+    namespace: dict = {}
+    previous = os.environ.get("MINIDIFF_FAST")
+    os.environ["MINIDIFF_FAST"] = "1"
+    try:
+        for index, cell in enumerate(cells):
+            if cell["cell_type"] != "code":
+                continue
+            source = cell_source(cell)
+            if index + 1 < len(cells) and nbgrader(cells[index + 1]).get("grade_id") == grade_id:
+                source = replacement
+            if "ipywidgets.interact" in source or "HTML(" in source:
+                continue
+            exec(compile(source, f"{notebook}[{index}]", "exec"), namespace)
+            if nbgrader(cell).get("grade_id") == grade_id:
+                return
+    finally:
+        if previous is None:
+            os.environ.pop("MINIDIFF_FAST", None)
+        else:
+            os.environ["MINIDIFF_FAST"] = previous
+
+
+def test_a_ddim_step_without_the_minus_sigma_squared_is_rejected() -> None:
+    """Exercise 8.1's check must see the classic slip: √(1 − ᾱ_s) instead of √(1 − ᾱ_s − σ²) in front of ε."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    wrong = '''def my_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_s, eta, z):
+    x0 = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t ** 0.5
+    sigma = eta * ((1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s)) ** 0.5
+    return alpha_bar_s ** 0.5 * x0 + (1 - alpha_bar_s) ** 0.5 * eps + sigma * z
+'''
+    with pytest.raises(ExerciseWrong, match="variance of x_s"):
+        _run_until("08_ddim_and_fast_sampling.ipynb", "ex08_ddim_step_check", wrong)
+
+
+@pytest.mark.parametrize(("wrong", "hint"), [
+    ("def forward_step(x_prev, beta_t, noise):\n    return (1 - beta_t) * x_prev + beta_t * noise\n", "square roots"),
+    ("def forward_step(x_prev, beta_t, noise):\n    return beta_t ** 0.5 * x_prev + (1 - beta_t) ** 0.5 * noise\n",
+     "swapped"),
+])
+def test_hints_name_the_mistake(wrong: str, hint: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with pytest.raises(ExerciseWrong, match=hint):
+        _run_until("01_forward_process.ipynb", "ex01_forward_step_check", wrong)
+
+
+def test_feedback_renders_without_a_traceback() -> None:
+    rendered = ExerciseWrong("Exercise 1.1: not quite.")._render_traceback_()
+    assert rendered == ["\033[31m✗ Exercise 1.1: not quite.\033[0m"]
+    assert diagnose(torch.ones(2), {"first": torch.zeros(2), "second": torch.ones(2)}, "none") == "second"
+    assert diagnose(torch.ones(2), {"first": torch.zeros(2)}, "none") == "none"
