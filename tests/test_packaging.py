@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import tomllib
 import yaml
 
@@ -81,3 +82,18 @@ def test_the_course_opens_at_the_root_with_lessons_rendered_and_linked() -> None
         first = "".join(json_module.loads(notebook.read_text(encoding="utf-8"))["cells"][0]["source"])
         assert f"(../lessons/{notebook.stem}.md)" in first, notebook.name
         assert (root / "lessons" / f"{notebook.stem}.md").exists()
+
+
+def test_the_lessons_exact_tables_reproduce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """python -m minidiff.tables recomputes the lessons' oracle tables; a figure that no longer holds fails it."""
+    import dataclasses
+
+    from minidiff import tables
+
+    assert tables.main(["--list"]) == 0
+    assert tables.main([]) == 0
+    # plant a wrong published figure (as if the lesson claimed DDIM lands where DDPM does): the rerun must flag it
+    planted = dataclasses.replace(tables.TABLES["lesson09-tilt"],
+                                  published=dict(tables.TABLES["lesson09-tilt"].published, **{"DDIM mean 3": 1.339}))
+    monkeypatch.setitem(tables.TABLES, "lesson09-tilt", planted)
+    assert tables.main(["lesson09-tilt"]) == 1
