@@ -231,3 +231,19 @@ def test_feedback_renders_without_a_traceback() -> None:
     assert rendered == ["\033[31m✗ Exercise 1.1: not quite.\033[0m"]
     assert diagnose(torch.ones(2), {"first": torch.zeros(2), "second": torch.ones(2)}, "none") == "second"
     assert diagnose(torch.ones(2), {"first": torch.zeros(2)}, "none") == "none"
+
+
+def test_find_the_bug_rejects_the_classmates_chain() -> None:
+    """Exercise 1.4's check uses the closed form, not the library: the unfixed chain (1 − β instead of √(1 − β))
+    fails it (first on the mean, which it shrinks too fast)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    buggy = '''def fixed_chain(x0, betas, generator):
+    x = x0
+    for beta in betas[1:].tolist():
+        x = (1 - beta) * x + beta**0.5 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return x
+'''
+    with pytest.raises(ExerciseWrong, match=r"How much of x_\(t-1\) does one step keep"):
+        _run_until("01_forward_process.ipynb", "ex01_find_the_bug_check", buggy)
