@@ -247,3 +247,17 @@ def test_find_the_bug_rejects_the_classmates_chain() -> None:
 '''
     with pytest.raises(ExerciseWrong, match=r"How much of x_\(t-1\) does one step keep"):
         _run_until("01_forward_process.ipynb", "ex01_find_the_bug_check", buggy)
+
+
+def test_find_the_bug_rejects_the_slides_variance_used_as_a_standard_deviation() -> None:
+    """Exercise 3.3: the slide slip σ_t = β̃_t collapses Gaussian-data samples; the check (data, not library) sees it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    buggy = '''def fixed_slide_step(x_t, eps_pred, t, schedule, z):
+    beta, alpha, alpha_bar = schedule.betas[t].item(), schedule.alphas[t].item(), schedule.alpha_bars[t].item()
+    mean = (x_t - beta / (1 - alpha_bar) ** 0.5 * eps_pred) / alpha**0.5
+    return mean + schedule.posterior_variances[t].item() * z if t > 1 else mean
+'''
+    with pytest.raises(ExerciseWrong, match="standard deviation or a variance"):
+        _run_until("03_ddpm_2d.ipynb", "ex03_find_the_bug_check", buggy)
