@@ -261,3 +261,22 @@ def test_find_the_bug_rejects_the_slides_variance_used_as_a_standard_deviation()
 '''
     with pytest.raises(ExerciseWrong, match="standard deviation or a variance"):
         _run_until("03_ddpm_2d.ipynb", "ex03_find_the_bug_check", buggy)
+
+
+def test_find_the_bug_rejects_a_ddim_loop_that_solves_for_x0_at_the_wrong_level() -> None:
+    """Exercise 8.3: x̂0 computed with √(1 − ᾱ_s) instead of √(1 − ᾱ_t) is caught by the exact flow map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    buggy = '''def fixed_ddim(eps_model, schedule, x_T, steps):
+    visited = [*timestep_sequence(schedule.T, steps), 0]
+    x = x_T
+    for t, s in itertools.pairwise(visited):
+        a_t, a_s = schedule.alpha_bars[t].item(), schedule.alpha_bars[s].item()
+        eps = eps_model(x, torch.full((len(x),), t))
+        x0 = (x - (1 - a_s) ** 0.5 * eps) / a_t**0.5
+        x = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * eps
+    return x
+'''
+    with pytest.raises(ExerciseWrong, match="Which noise level"):
+        _run_until("08_ddim_and_fast_sampling.ipynb", "ex08_find_the_bug_check", buggy)
