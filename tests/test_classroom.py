@@ -280,3 +280,13 @@ def test_find_the_bug_rejects_a_ddim_loop_that_solves_for_x0_at_the_wrong_level(
 '''
     with pytest.raises(ExerciseWrong, match="Which noise level"):
         _run_until("08_ddim_and_fast_sampling.ipynb", "ex08_find_the_bug_check", buggy)
+
+
+def test_the_langevin_check_sees_the_wrong_noise_scale() -> None:
+    """Exercise 4.2 is graded on the chains' stationary law (Gaussian target), which √η noise halves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    wrong = "def my_langevin_step(x, score, step_size, z):\n    return x + step_size * score + step_size ** 0.5 * z\n"
+    with pytest.raises(ExerciseWrong):
+        _run_until("04_score_matching.ipynb", "ex04_langevin_check", wrong)
