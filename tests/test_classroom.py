@@ -290,3 +290,15 @@ def test_the_langevin_check_sees_the_wrong_noise_scale() -> None:
     wrong = "def my_langevin_step(x, score, step_size, z):\n    return x + step_size * score + step_size ** 0.5 * z\n"
     with pytest.raises(ExerciseWrong):
         _run_until("04_score_matching.ipynb", "ex04_langevin_check", wrong)
+
+
+def test_the_cfg_check_sees_an_off_by_one_scale() -> None:
+    """Exercise 9.1 is graded on what scale 1 samples (the class itself): cond + s (cond − uncond), which is scale
+    s + 1, overshoots and fails."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    wrong = ("def my_cfg(eps_unconditional, eps_conditional, scale):\n"
+             "    return eps_conditional + scale * (eps_conditional - eps_unconditional)\n")
+    with pytest.raises(ExerciseWrong, match="one step beyond"):
+        _run_until("09_guidance.ipynb", "ex09_cfg_check", wrong)
