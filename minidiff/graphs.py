@@ -168,9 +168,7 @@ class GraphedModel(nn.Module):
         if key not in self._graphs:
             self._graphs[key] = self._record(args)
         graph, static, output = self._graphs[key]
-        for buffer, value in zip(static, args, strict=True):
-            if isinstance(buffer, torch.Tensor):
-                buffer.copy_(value)
+        _copy_into(static, args)
         graph.replay()
         return output.clone()  # the static output is overwritten by the next replay
 

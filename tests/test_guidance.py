@@ -101,16 +101,21 @@ def tilted_mean(gamma: float, label: int) -> torch.Tensor:
     return (weights[:, None] * points).sum(0)
 
 
-def test_strong_guidance_does_not_sample_the_tilted_density() -> None:
-    """At γ = 1 guided samples match p(x | y); at γ = 3 they land far past the tilted density's mean."""
+def exact_guidance_setup(seed: int, count: int):
+    """Classifier guidance of class 1 with the exact oracles (as a function of γ), a generator and x_T."""
     unconditional, _ = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
     classifier = mixture_noisy_classifier(MIXTURE, LABELS, SCHEDULE)
-    generator = torch.Generator().manual_seed(2)
-    x_T = torch.randn(6000, 2, generator=generator, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(count, 2, generator=generator, dtype=torch.float64)
+    return (lambda gamma: classifier_guidance(unconditional, classifier, SCHEDULE, 1, gamma)), generator, x_T
+
+
+def test_strong_guidance_does_not_sample_the_tilted_density() -> None:
+    """At γ = 1 guided samples match p(x | y); at γ = 3 they land far past the tilted density's mean."""
+    guided, generator, x_T = exact_guidance_setup(seed=2, count=6000)
     gaps = {}
     for gamma in (1.0, 3.0):
-        samples = ddpm_sample(classifier_guidance(unconditional, classifier, SCHEDULE, 1, gamma), SCHEDULE, x_T=x_T,
-                              generator=generator)
+        samples = ddpm_sample(guided(gamma), SCHEDULE, x_T=x_T, generator=generator)
         gaps[gamma] = (samples.mean(0)[0] - tilted_mean(gamma, 1)[0]).item()
     standard_error = 0.6 / 6000**0.5
     assert abs(gaps[1.0]) < 5 * standard_error, gaps
@@ -121,15 +126,11 @@ def test_strong_guidance_depends_on_the_sampler() -> None:
     """For a true score, DDPM and deterministic DDIM over all T steps sample the same distribution: they agree at
     γ = 1. The guided ε at γ = 3 is not the score of one diffusion, so the two samplers land apart (measured
     means 1.34 and 1.63 with 20,000 samples), far beyond their standard errors."""
-    unconditional, _ = mixture_guidance_oracles(MIXTURE, LABELS, SCHEDULE)
-    classifier = mixture_noisy_classifier(MIXTURE, LABELS, SCHEDULE)
-    generator = torch.Generator().manual_seed(3)
-    x_T = torch.randn(4000, 2, generator=generator, dtype=torch.float64)
+    guided, generator, x_T = exact_guidance_setup(seed=3, count=4000)
     gaps = {}
     for gamma in (1.0, 3.0):
-        guided = classifier_guidance(unconditional, classifier, SCHEDULE, 1, gamma)
-        stochastic = ddpm_sample(guided, SCHEDULE, x_T=x_T, generator=generator)
-        deterministic = ddim_sample(guided, SCHEDULE, x_T=x_T, steps=SCHEDULE.T)
+        stochastic = ddpm_sample(guided(gamma), SCHEDULE, x_T=x_T, generator=generator)
+        deterministic = ddim_sample(guided(gamma), SCHEDULE, x_T=x_T, steps=SCHEDULE.T)
         gaps[gamma] = (deterministic.mean(0)[0] - stochastic.mean(0)[0]).item()
     standard_error = (2 * 0.6**2 / 4000) ** 0.5
     assert abs(gaps[1.0]) < 5 * standard_error, gaps
