@@ -133,6 +133,9 @@ class NoiseSchedule:
         self.alpha_bars = torch.cumprod(self.alphas, dim=0)
         with torch.no_grad():
             self.snr = self.alpha_bars / (1.0 - self.alpha_bars)  # ∞ at t = 0, on purpose
+        # α_t = √ᾱ_t and σ_t = √(1 − ᾱ_t), kept as tables: the distilled and flow models of lessons 12 and 14
+        # gather them per example on the device (σ_t from 1 − ᾱ_t in float64, exact near t = 0)
+        self.sqrt_alpha_bars, self.sqrt_one_minus_alpha_bars = self.alpha_bars.sqrt(), (1.0 - self.alpha_bars).sqrt()
         previous = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
         self.alpha_bars_prev = previous  # ᾱ_{t−1}, with ᾱ_{−1} := 1 so that entry 0 is harmless
         # q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I) (derived in lesson 02). At t = 1, β̃_1 = 0:
