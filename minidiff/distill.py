@@ -67,7 +67,7 @@ class Student(nn.Module):
     ``net`` is any ε-network ``net(x_t, timesteps)`` (e.g. a copy of the teacher's U-Net). Its output enters
     with a minus sign because at low noise c_skip ≈ 1 and c_out ≈ σ̄, so x̂_0 ≈ x̄_t − σ̄_t ε = (x_t − σ_t ε)/α_t:
     a copy of the teacher starts out right where noise is low, and training mainly teaches it the high-noise
-    end, where an ε-model's x̂_0 = (x_t − σ_t ε)/α_t divides its error by α_T ≈ 0.006 (lesson 12, §3).
+    end, where an ε-model's x̂_0 = (x_t − σ_t ε)/α_t divides its error by α_T ≈ 0.006 (lesson 12, §2).
 
     Calling the student returns ε̂ = (x_t − α_t x̂_0)/σ_t, so DDIM with the student reproduces its x̂_0 steps.
     """
@@ -77,9 +77,10 @@ class Student(nn.Module):
         self.net, self.T, self.sigma_data = net, schedule.T, float(sigma_data)
         alpha, sigma = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars
         c_skip, c_out = consistency_coefficients(sigma / alpha, sigma_data)
+        where = next((p.device for p in net.parameters()), torch.device("cpu")) if isinstance(net, nn.Module) else None
         for name, table in {"alpha": alpha, "sigma": sigma, "c_skip": c_skip, "c_out": c_out}.items():
             # float32 buffers that follow the network to its device; rebuilt from the schedule, never stored
-            self.register_buffer(name, table.float(), persistent=False)
+            self.register_buffer(name, table.float().to(where), persistent=False)
 
     def _check(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if timesteps.shape != (x_t.shape[0],):
@@ -110,10 +111,16 @@ class Student(nn.Module):
 
 
 def x0_from_eps_model(eps_model: EpsModel, schedule: NoiseSchedule) -> X0Model:
-    """The x̂_0-model of an ε-model: x̂_0 = (x_t − σ_t ε̂)/α_t (lesson 02), and x̂_0 = x_t at t = 0."""
+    """The x̂_0-model of an ε-model: x̂_0 = (x_t − σ_t ε̂)/α_t (lesson 02), and x̂_0 = x_t at t = 0.
+
+    The ε-model runs in full precision even inside a bfloat16 autocast: dividing by α_T ≈ 0.006 would turn
+    bfloat16's three significant digits of ε into an error of about 0.5 in x̂_0 (lesson 12, §2).
+    """
     def x0(x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         a, s = _levels(schedule, timesteps, x_t)
-        eps = eps_model(x_t, timesteps.clamp(min=1)).to(x_t.dtype)  # at t = 0, s = 0 and ε is not used
+        with torch.autocast(x_t.device.type, enabled=False):
+            full = x_t.to(torch.promote_types(x_t.dtype, torch.float32))
+            eps = eps_model(full, timesteps.clamp(min=1)).to(x_t.dtype)  # at t = 0, s = 0: ε is not used
         return (x_t - s * eps) / a
     return x0
 
@@ -248,7 +255,7 @@ def consistency_loss(student: Student, target: TargetNetwork, schedule: NoiseSch
 def consistency_sample(student: Student, schedule: NoiseSchedule, x_T: torch.Tensor,
                        timesteps: Sequence[int] | None = None, steps: int = 1,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; lesson 12, §5).
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; lesson 12, eq. 8).
 
     x̂_0 = f(x_T, T); then for each further t: x_t = α_t x̂_0 + σ_t z with fresh noise z, and x̂_0 = f(x_t, t).
     ``timesteps`` (decreasing, the first = T) default to :func:`student_grid` of ``steps``.

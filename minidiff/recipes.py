@@ -13,6 +13,8 @@ Each recipe trains one model from scratch on the bundled MNIST digits, measures 
     text_digits       the text-conditioned U-Net with its jointly trained text encoder (lesson 10)
     autoencoder       the KL-regularised autoencoder of captioned scenes, 3×32×32 ↔ 4×8×8 (lesson 11)
     latent_text_digits  the text-conditioned denoiser of the autoencoder's latents (lesson 11)
+    mnist_progressive   mnist_ddpm progressively distilled to 4 steps (lesson 12)
+    mnist_consistency   mnist_ddpm consistency-distilled to 1–4 steps (lesson 12)
 """
 
 from __future__ import annotations
@@ -214,10 +216,12 @@ RECIPES: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def all_recipes() -> dict[str, Callable[..., dict[str, Any]]]:
-    """Every recipe by name: the MNIST ones here and the captioned-scene ones of :mod:`minidiff.text_recipes`."""
-    from minidiff.text_recipes import TEXT_RECIPES  # imported here: text_recipes builds on this module
+    """Every recipe by name: the MNIST ones here, the captioned-scene ones of :mod:`minidiff.text_recipes` and the
+    few-step students of :mod:`minidiff.distill_recipes`."""
+    from minidiff.distill_recipes import DISTILL_RECIPES  # imported here: both build on this module
+    from minidiff.text_recipes import TEXT_RECIPES
 
-    return RECIPES | TEXT_RECIPES
+    return RECIPES | TEXT_RECIPES | DISTILL_RECIPES
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -214,6 +214,29 @@ def test_one_progressive_round_halves_the_steps(exact_teacher, start_and_map):
     assert errors[0] < 0.5 * errors[2]
 
 
+def test_shipped_students_draw_every_digit_in_one_to_four_calls():
+    """The shipped students on CPU: recognisable digits of every class in 1 (consistency) and 4 (progressive)
+    calls, where 1-step DDIM of their teacher draws one blurred average (1,000-sample figures: their cards)."""
+    from minidiff.distill_recipes import evaluation_noise, judge_figures
+    from minidiff.weights import pretrained
+
+    judge, teacher = pretrained("judge", device="cpu"), pretrained("mnist_ddpm", device="cpu")
+    noise = evaluation_noise(200, torch.device("cpu"))
+    with torch.no_grad():
+        consistency = load_student("mnist_consistency", device="cpu")
+        progressive = load_student("mnist_progressive", device="cpu")
+        figures = {"consistency, 1 call": judge_figures(consistency_sample(consistency, SCHEDULE, noise), judge),
+                   "progressive, 4 steps": judge_figures(ddim_sample(progressive, SCHEDULE, noise, steps=4), judge),
+                   "DDIM, 1 step": judge_figures(ddim_sample(teacher, SCHEDULE, noise, steps=1), judge)}
+    print(figures)
+    assert progressive.card["student"]["steps"] == 4
+    assert consistency.card["student"]["kind"] == "consistency_distillation"
+    for name in ("consistency, 1 call", "progressive, 4 steps"):
+        assert figures[name]["mean_confidence"] > 0.9 and figures[name]["min_class_share"] >= 0.03, name
+        assert figures[name]["fid_ratio"] < 0.1 * figures["DDIM, 1 step"]["fid_ratio"], name
+    assert figures["DDIM, 1 step"]["min_class_share"] < 0.03
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------

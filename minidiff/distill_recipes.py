@@ -1,0 +1,153 @@
+"""Recipes for the few-step students of lesson 12 (run them with ``python -m minidiff.recipes NAME``).
+
+    mnist_progressive   progressive distillation of mnist_ddpm: 16 → 8 → 4 → 2 → 1 steps (ships the 4-step one)
+    mnist_consistency   consistency distillation of mnist_ddpm (32 boundaries, an EMA target network)
+
+Both start from a copy of the shipped ``mnist_ddpm`` teacher and are judged, like every row of lesson 12's table,
+on the same 1,000 starting noises (:func:`evaluation_noise`) by lesson 07's judge.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minidiff.distill import (
+    Student,
+    TargetNetwork,
+    consistency_loss,
+    consistency_sample,
+    progressive_distillation_loss,
+    student_card,
+    x0_from_eps_model,
+)
+from minidiff.metrics import judge_samples
+from minidiff.recipes import MNIST_SCHEDULE, _mnist_on_device, batch_generator, recipe_card, recipe_fit
+from minidiff.runtime import budget, device, seed_everything, standard_normal
+from minidiff.samplers import ddim_sample, dpm_solver_pp_sample
+from minidiff.schedules import NoiseSchedule
+from minidiff.train import random_rows
+from minidiff.weights import pretrained, save_weights
+
+#: The seed of the starting noises that every row of lesson 12's table shares.
+EVALUATION_SEED = 1234
+#: Network calls at which the table judges every sampler.
+CALLS = (1, 2, 4, 8)
+
+
+def evaluation_noise(count: int | None = None, target: torch.device | None = None) -> torch.Tensor:
+    """The fixed starting noises x_T of lesson 12's table ([count, 1, 28, 28], 1,000 in full mode)."""
+    count = count or budget(full=1000, fast=8)
+    return standard_normal((count, 1, 28, 28), torch.Generator().manual_seed(EVALUATION_SEED), target or device())
+
+
+def judge_figures(samples: torch.Tensor, judge: nn.Module) -> dict[str, float | None]:
+    """The table's three figures: classifier-FID ratio (null below 128 samples), confidence and class coverage."""
+    report = judge_samples(judge, samples)
+
+    def rounded(value: float) -> float | None:
+        return round(value, 3) if value == value else None  # NaN → null
+
+    return {"fid_ratio": rounded(report.fid_ratio), "mean_confidence": round(report.samples.mean_confidence, 4),
+            "min_class_share": round(report.samples.min_class_share, 4)}
+
+
+def solver_rows(teacher: nn.Module, schedule: NoiseSchedule, judge: nn.Module, x_T: torch.Tensor,
+                calls: tuple[int, ...] = CALLS) -> dict[str, dict[int, dict[str, float | None]]]:
+    """The baseline rows: DDIM (η = 0) and DPM-Solver++(2M) of the teacher at each number of calls."""
+    return {"DDIM": {n: judge_figures(ddim_sample(teacher, schedule, x_T, steps=n), judge) for n in calls},
+            "DPM-Solver++(2M)": {n: judge_figures(dpm_solver_pp_sample(teacher, schedule, x_T, steps=n), judge)
+                                 for n in calls}}
+
+
+def consistency_rows(student: Student, schedule: NoiseSchedule, judge: nn.Module, x_T: torch.Tensor,
+                     calls: tuple[int, ...] = CALLS) -> dict[int, dict[str, float | None]]:
+    """A consistency model's figures with 1, 2, … calls of multistep sampling (re-noising drawn from a fixed seed)."""
+    return {n: judge_figures(consistency_sample(student, schedule, x_T, steps=n, generator=torch.Generator(
+        x_T.device).manual_seed(EVALUATION_SEED + 1)), judge) for n in calls}
+
+
+def _teacher(name: str = "mnist_ddpm") -> tuple[nn.Module, NoiseSchedule]:
+    teacher = pretrained(name).requires_grad_(False)
+    return teacher, NoiseSchedule.from_spec(teacher.card["schedule"])
+
+
+def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
+                            judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
+    """Progressive distillation (Salimans & Ho 2022): rounds of ``steps`` updates, each student taking half the
+    steps of its teacher, from DDIM-32 of mnist_ddpm down to one step. Writes the 4-step student (the shipped
+    one) as ``mnist_progressive`` and every round's student as ``mnist_progressive_N``; the card records the
+    judge's figures of every round. ``time_limit`` bounds each round."""
+    judge = pretrained("judge", directory=judge_directory)
+    seed_everything(seed)
+    teacher, schedule = _teacher()
+    images, _ = _mnist_on_device()
+    x_T = evaluation_noise()
+    steps = steps or budget(full=2800, fast=2)
+    batch_size = budget(full=256, fast=4)
+    student_steps, shipped_steps = budget(full=16, fast=2), budget(full=4, fast=1)
+    student, teacher_x0 = Student(copy.deepcopy(teacher).requires_grad_(True), schedule), x0_from_eps_model(teacher,
+                                                                                                            schedule)
+    rounds, shipped, seconds = [], None, 0.0
+    while student_steps >= 1:
+        def loss(net: Student, x0: torch.Tensor, teacher_x0: Callable = teacher_x0, n: int = student_steps
+                 ) -> torch.Tensor:
+            return progressive_distillation_loss(net, teacher_x0, schedule, x0, n)
+
+        result = recipe_fit(student, loss, random_rows(images, batch_size, batch_generator(seed + student_steps)),
+                            steps, 2e-4, 100, ema_decay=0.998, progress=progress, time_limit=time_limit)
+        seconds += result.seconds
+        distilled = result.ema_model()
+        figures = judge_figures(ddim_sample(distilled, schedule, x_T, steps=student_steps), judge)
+        print(f"progressive distillation, {student_steps} steps: {figures} after {seconds:.0f} s in all")
+        rounds.append({"steps": student_steps, "train_steps": result.steps,
+                       "cumulative_train_seconds": round(seconds, 1)} | figures)
+        card = recipe_card("mnist_progressive", result, batch_size, seed, figures | {"samples": len(x_T)},
+                           student_card("progressive", student_steps, "mnist_ddpm",
+                                        {"schedule": MNIST_SCHEDULE, "weights": "EMA", "rounds": list(rounds)}),
+                           time_limit)
+        save_weights(distilled.net, out / f"mnist_progressive_{student_steps}.safetensors", card)
+        if student_steps == shipped_steps:
+            shipped = (copy.deepcopy(distilled), card)  # a copy: the next round trains `distilled` on
+        teacher_x0 = copy.deepcopy(distilled).requires_grad_(False).x0  # this round's student teaches the next
+        student, student_steps = distilled.train().requires_grad_(True), student_steps // 2
+    distilled, card = shipped
+    card["rounds"] = rounds  # the shipped card records every round, the later ones included
+    return save_weights(distilled.net, out / "mnist_progressive.safetensors", card)
+
+
+def train_mnist_consistency(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
+                            judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
+    """Consistency distillation (Song et al. 2023, Algorithm 2) of mnist_ddpm: one DDIM step of the teacher
+    between neighbouring boundaries of a 32-step grid, a target network with μ = 0.95, pseudo-Huber distance."""
+    judge = pretrained("judge", directory=judge_directory)
+    seed_everything(seed)
+    teacher, schedule = _teacher()
+    images, _ = _mnist_on_device()
+    steps = steps or budget(full=10000, fast=2)
+    batch_size, boundaries, decay = budget(full=256, fast=4), budget(full=32, fast=4), 0.95
+    student = Student(copy.deepcopy(teacher).requires_grad_(True), schedule)
+    target, teacher_x0 = TargetNetwork(student, decay), x0_from_eps_model(teacher, schedule)
+    start = time.perf_counter()
+    result = recipe_fit(student, lambda net, x0: consistency_loss(net, target, schedule, x0, boundaries, teacher_x0),
+                        random_rows(images, batch_size, batch_generator(seed)), steps, 2e-4, 200, ema_decay=0.999,
+                        progress=progress, time_limit=time_limit)
+    distilled = result.ema_model()
+    calls = consistency_rows(distilled, schedule, judge, evaluation_noise())
+    print(f"consistency distillation ({time.perf_counter() - start:.0f} s):", calls)
+    metrics = {"samples": len(evaluation_noise()), "calls": {str(n): figures for n, figures in calls.items()}}
+    card = recipe_card("mnist_consistency", result, batch_size, seed, metrics | calls[1],
+                       student_card("consistency_distillation", 1, "mnist_ddpm",
+                                    {"schedule": MNIST_SCHEDULE, "weights": "EMA", "boundaries": boundaries,
+                                     "target_decay": decay, "huber_c": round(0.00054 * 784**0.5, 5)}), time_limit)
+    return save_weights(distilled.net, out / "mnist_consistency.safetensors", card)
+
+
+DISTILL_RECIPES: dict[str, Callable[..., dict[str, Any]]] = {
+    "mnist_progressive": train_mnist_progressive, "mnist_consistency": train_mnist_consistency}
