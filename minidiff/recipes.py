@@ -15,6 +15,7 @@ Each recipe trains one model from scratch on the bundled MNIST digits, measures 
     latent_text_digits  the text-conditioned denoiser of the autoencoder's latents (lesson 11)
     mnist_progressive   mnist_ddpm progressively distilled to 4 steps (lesson 12)
     mnist_consistency   mnist_ddpm consistency-distilled to 1–4 steps (lesson 12)
+    mnist_flow          lesson 07's U-Net trained by flow matching on the straight path (lesson 14)
 """
 
 from __future__ import annotations
@@ -216,12 +217,13 @@ RECIPES: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def all_recipes() -> dict[str, Callable[..., dict[str, Any]]]:
-    """Every recipe by name: the MNIST ones here, the captioned-scene ones of :mod:`minidiff.text_recipes` and the
-    few-step students of :mod:`minidiff.distill_recipes`."""
-    from minidiff.distill_recipes import DISTILL_RECIPES  # imported here: both build on this module
+    """Every recipe by name: the MNIST ones here, the captioned-scene ones of :mod:`minidiff.text_recipes`, the
+    few-step students of :mod:`minidiff.distill_recipes` and the flow model of :mod:`minidiff.flow_recipes`."""
+    from minidiff.distill_recipes import DISTILL_RECIPES  # imported here: they build on this module
+    from minidiff.flow_recipes import FLOW_RECIPES
     from minidiff.text_recipes import TEXT_RECIPES
 
-    return RECIPES | TEXT_RECIPES | DISTILL_RECIPES
+    return RECIPES | TEXT_RECIPES | DISTILL_RECIPES | FLOW_RECIPES
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
