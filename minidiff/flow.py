@@ -149,7 +149,7 @@ def heun_sample(velocity: VelocityModel, x1: torch.Tensor, steps: int = 25, shif
 
 def x0_and_eps_from_velocity(x: torch.Tensor, velocity: torch.Tensor, tau: torch.Tensor,
                              path: GaussianPath | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve x = α x̂_0 + σ ε̂ and v = α' x̂_0 + σ' ε̂ for (x̂_0, ε̂) (lesson 14, eq. 7):
+    """Solve x = α x̂_0 + σ ε̂ and v = α' x̂_0 + σ' ε̂ for (x̂_0, ε̂) (lesson 14, eq. 6):
 
     x̂_0 = (σ' x − σ v)/(α σ' − σ α'),  ε̂ = (α v − α' x)/(α σ' − σ α').  On the linear path the denominator is 1.
     """
