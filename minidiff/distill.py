@@ -74,7 +74,7 @@ class Student(nn.Module):
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, sigma_data: float = SIGMA_DATA) -> None:
         super().__init__()
-        self.net, self.T, self.sigma_data = net, schedule.T, float(sigma_data)
+        self.net, self.schedule, self.sigma_data = net, schedule, float(sigma_data)
         alpha, sigma = schedule.sqrt_alpha_bars, schedule.sqrt_one_minus_alpha_bars
         c_skip, c_out = consistency_coefficients(sigma / alpha, sigma_data)
         where = next((p.device for p in net.parameters()), torch.device("cpu")) if isinstance(net, nn.Module) else None
@@ -86,13 +86,7 @@ class Student(nn.Module):
         if timesteps.shape != (x_t.shape[0],):
             raise ValueError(f"timesteps must have shape [{x_t.shape[0]}] (one per example), "
                              f"got {tuple(timesteps.shape)}")
-        if timesteps.is_floating_point():
-            raise ValueError("a Student takes the schedule's integer timesteps 0..T, got real-valued ones")
-        recording = timesteps.is_cuda and torch.cuda.is_current_stream_capturing()  # no reads while recording
-        if not recording and (timesteps.min() < 0 or timesteps.max() > self.T):
-            raise ValueError(f"timesteps must lie in 0..{self.T}, got {timesteps.min().item()}.."
-                             f"{timesteps.max().item()}")
-        return timesteps
+        return self.schedule.check_timesteps(timesteps, lowest=0)  # integers in 0..T (t = 0: the boundary)
 
     def _table(self, table: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return table[timesteps].view(-1, *([1] * (like.ndim - 1))).to(like.dtype)

@@ -28,7 +28,7 @@ from minidiff.distill import (
     x0_from_eps_model,
 )
 from minidiff.metrics import judge_samples
-from minidiff.recipes import MNIST_SCHEDULE, _mnist_on_device, batch_generator, recipe_card, recipe_fit
+from minidiff.recipes import MNIST_SCHEDULE, _mnist_on_device, batch_generator, recipe_card, recipe_fit, rounded
 from minidiff.runtime import budget, device, seed_everything, standard_normal
 from minidiff.samplers import ddim_sample, dpm_solver_pp_sample
 from minidiff.schedules import NoiseSchedule
@@ -50,10 +50,6 @@ def evaluation_noise(count: int | None = None, target: torch.device | None = Non
 def judge_figures(samples: torch.Tensor, judge: nn.Module) -> dict[str, float | None]:
     """The table's three figures: classifier-FID ratio (null below 128 samples), confidence and class coverage."""
     report = judge_samples(judge, samples)
-
-    def rounded(value: float) -> float | None:
-        return round(value, 3) if value == value else None  # NaN → null
-
     return {"fid_ratio": rounded(report.fid_ratio), "mean_confidence": round(report.samples.mean_confidence, 4),
             "min_class_share": round(report.samples.min_class_share, 4)}
 
@@ -138,10 +134,10 @@ def train_mnist_consistency(out: Path, seed: int = 0, progress: bool = True, ste
     result = recipe_fit(student, lambda net, x0: consistency_loss(net, target, schedule, x0, boundaries, teacher_x0),
                         random_rows(images, batch_size, batch_generator(seed)), steps, 2e-4, 200, ema_decay=0.999,
                         progress=progress, time_limit=time_limit)
-    distilled = result.ema_model()
-    calls = consistency_rows(distilled, schedule, judge, evaluation_noise())
+    distilled, x_T = result.ema_model(), evaluation_noise()
+    calls = consistency_rows(distilled, schedule, judge, x_T)
     print(f"consistency distillation ({time.perf_counter() - start:.0f} s):", calls)
-    metrics = {"samples": len(evaluation_noise()), "calls": {str(n): figures for n, figures in calls.items()}}
+    metrics = {"samples": len(x_T), "calls": {str(n): figures for n, figures in calls.items()}}
     card = recipe_card("mnist_consistency", result, batch_size, seed, metrics | calls[1],
                        student_card("consistency_distillation", 1, "mnist_ddpm",
                                     {"schedule": MNIST_SCHEDULE, "weights": "EMA", "boundaries": boundaries,

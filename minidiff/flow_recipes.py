@@ -38,10 +38,10 @@ def train_mnist_flow(out: Path, seed: int = 0, progress: bool = True, steps: int
     result = recipe_fit(model, lambda net, x0: flow_matching_loss(net, x0, path, logit_normal_times),
                         random_rows(images, batch_size, batch_generator(seed)), steps, 5e-4, 500, ema_decay=0.9995,
                         progress=progress, time_limit=time_limit)
-    flow = result.ema_model()
-    figures = judge_figures(euler_sample(flow, evaluation_noise(), steps=50), judge)
+    flow, x1 = result.ema_model(), evaluation_noise()
+    figures = judge_figures(euler_sample(flow, x1, steps=50), judge)
     print("flow matching, 50 Euler steps:", figures)
-    card = recipe_card("mnist_flow", result, batch_size, seed, figures | {"samples": len(evaluation_noise()),
+    card = recipe_card("mnist_flow", result, batch_size, seed, figures | {"samples": len(x1),
                                                                            "sampler": "Euler, 50 steps"},
                        {"flow": FLOW_SPEC, "weights": "EMA"}, time_limit)
     return save_weights(flow.net, out / "mnist_flow.safetensors", card)

@@ -125,12 +125,14 @@ def train_judge(out: Path, seed: int = 0, progress: bool = True, steps: int | No
                                                                       time_limit=time_limit))
 
 
+def rounded(value: float) -> float | None:
+    """A card's figure to 3 decimals; NaN (too few samples for a classifier-FID) is stored as null."""
+    return round(value, 3) if value == value else None
+
+
 def _diffusion_card_metrics(samples: torch.Tensor, judge: nn.Module) -> dict[str, Any]:
     report = judge_samples(judge, samples)
     print(report)
-    def rounded(value: float) -> float | None:  # NaN (too few samples for a classifier-FID) is stored as null
-        return round(value, 3) if value == value else None
-
     return {"samples": report.samples.count, "sampler": "DDPM ancestral, 1000 steps, sigma^2 = beta",
             "classifier_fid": rounded(report.samples.classifier_fid),
             "classifier_fid_real_vs_real": rounded(report.real.classifier_fid),

@@ -79,6 +79,18 @@ def draw_mixture(batch: int = 256):
     return lambda: MIXTURE.sample(batch, generator).float()
 
 
+def consistency_trainer(teacher_x0, decay: float):
+    """The loss of consistency distillation (with ``teacher_x0``) or training (None) on a 32-step grid; its target
+    network is made from the student at the first call, once."""
+    holder = {}
+
+    def loss(net, x0):
+        if "target" not in holder:
+            holder["target"] = TargetNetwork(net, decay=decay)
+        return consistency_loss(net, holder["target"], SCHEDULE, x0, 32, teacher_x0, huber_c=0.01)
+    return loss
+
+
 def train_student(loss, steps: int, seed: int = 0) -> Student:
     torch.manual_seed(seed)
     student = Student(MLPDenoiser(hidden=128, num_blocks=3), SCHEDULE)
@@ -158,13 +170,7 @@ def test_consistency_distillation_learns_the_exact_flow_map(exact_teacher, start
     DDIM needs 4–8 calls of the *exact* ε for that. Multistep sampling then improves the sample quality."""
     _, teacher_x0 = exact_teacher
     x_T, reference = start_and_map
-    holder = {}
-
-    def loss(net, x0):
-        target = holder.setdefault("target", TargetNetwork(net, decay=0.95))
-        return consistency_loss(net, target, SCHEDULE, x0, 32, teacher_x0, huber_c=0.01)
-
-    student = train_student(loss, 1500)
+    student = train_student(consistency_trainer(teacher_x0, decay=0.95), 1500)
     with torch.no_grad():
         one_call = consistency_sample(student, SCHEDULE, x_T, steps=1)
     error = mean_distance(one_call, reference)
@@ -183,13 +189,7 @@ def test_consistency_distillation_learns_the_exact_flow_map(exact_teacher, start
 def test_consistency_training_without_a_teacher_learns_the_map(start_and_map):
     """Consistency *training* (no teacher: the same ε at the neighbouring level) gets there too, more slowly."""
     x_T, reference = start_and_map
-    holder = {}
-
-    def loss(net, x0):
-        target = holder.setdefault("target", TargetNetwork(net, decay=0.0))
-        return consistency_loss(net, target, SCHEDULE, x0, 32, None, huber_c=0.01)
-
-    student = train_student(loss, 1000)
+    student = train_student(consistency_trainer(None, decay=0.0), 1000)
     with torch.no_grad():
         error = mean_distance(consistency_sample(student, SCHEDULE, x_T, steps=1), reference)
     baseline = mean_distance(torch.zeros_like(reference), reference)  # the data mean, what DDIM-1 returns
@@ -245,7 +245,7 @@ def test_shipped_students_draw_every_digit_in_one_to_four_calls():
 def test_bad_inputs_are_refused_with_the_argument_named():
     student = Student(MLPDenoiser(), SCHEDULE)
     x = torch.randn(4, 2)
-    with pytest.raises(ValueError, match=r"timesteps must lie in 0\.\.1000"):
+    with pytest.raises(ValueError, match=r"must be in 0\.\.1000"):
         student.x0(x, torch.full((4,), 1001))
     with pytest.raises(ValueError, match="integer timesteps"):
         student.x0(x, torch.full((4,), 0.5))
