@@ -121,6 +121,26 @@ HELDOUT_PAIRS = frozenset({(2, "red"), (5, "green"), (7, "blue"), (9, "yellow")}
 CANVAS, DIGIT_SIZE = 32, 18
 
 
+#: Where a glyph's top-left corner may land: rows 4..10, and columns 0..2 (left slot) or 12..14 (right slot).
+GLYPH_TOPS = range(4, 11)
+GLYPH_LEFTS = {"left": range(0, 3), "right": range(CANVAS - DIGIT_SIZE - 2, CANVAS - DIGIT_SIZE + 1)}
+
+
+def place_glyph(canvas: torch.Tensor, grey: torch.Tensor, colour: str, position: str,
+                generator: torch.Generator | None = None) -> None:
+    """Draw one grey glyph [18, 18] in [0, 1] into ``canvas`` [3, 32, 32] (in [0, 1], in place), coloured
+    ``colour``, at a random spot of slot ``position`` (see :data:`GLYPH_TOPS`, :data:`GLYPH_LEFTS`)."""
+    if colour not in PALETTE or position not in GLYPH_LEFTS:
+        raise ValueError(f"colour must be one of {COLOURS} and position one of {POSITIONS}, got {colour!r}, "
+                         f"{position!r}")
+    lefts = GLYPH_LEFTS[position]
+    left = lefts[int(torch.randint(0, len(lefts), (), generator=generator))]
+    top = GLYPH_TOPS[int(torch.randint(0, len(GLYPH_TOPS), (), generator=generator))]
+    tint = torch.tensor(PALETTE[colour])[:, None, None]
+    region = canvas[:, top:top + DIGIT_SIZE, left:left + DIGIT_SIZE]
+    canvas[:, top:top + DIGIT_SIZE, left:left + DIGIT_SIZE] = torch.maximum(region, grey * tint)
+
+
 @dataclass(frozen=True)
 class DigitObject:
     """One digit in a scene: which digit, its colour and its slot (left or right half of the canvas)."""
@@ -198,12 +218,7 @@ class CaptionedDigits:
             for item in scene.objects:
                 pool = self.by_class[item.digit]
                 grey = self.digits[pool[int(torch.randint(0, len(pool), (), generator=generator))]]
-                slot_start = CANVAS - DIGIT_SIZE - 2 if item.position == "right" else 0
-                left = slot_start + int(torch.randint(0, 3, (), generator=generator))
-                top = int(torch.randint(4, 11, (), generator=generator))
-                colour = torch.tensor(PALETTE[item.colour])[:, None, None]
-                region = canvas[index, :, top:top + DIGIT_SIZE, left:left + DIGIT_SIZE]
-                canvas[index, :, top:top + DIGIT_SIZE, left:left + DIGIT_SIZE] = torch.maximum(region, grey * colour)
+                place_glyph(canvas[index], grey, item.colour, item.position, generator)
         return canvas * 2 - 1
 
     def batch(self, count: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str],

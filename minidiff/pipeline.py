@@ -55,7 +55,8 @@ class TextToImage:
         if not (isinstance(scale, int | float) and scale >= 0 and scale == scale and scale != float("inf")):
             raise ValueError(f"scale must be a finite number >= 0 (0: ignore the caption), got {scale!r}")
         where = next(self.denoiser.parameters()).device
-        tokens = tokenize(captions).to(where)  # words → ids; an unknown word is an error (lesson 10)
+        # words → ids; an unknown word is an error (lesson 10); an adapter's new words are known (lesson 13)
+        tokens = tokenize(captions, vocabulary=self.denoiser.vocabulary).to(where)
         noise = standard_normal((len(tokens), *self.latent_shape), torch.Generator().manual_seed(seed), where)
         guided = classifier_free_guidance(self.denoiser, tokens, scale)  # ε(∅) + s (ε(caption) − ε(∅))
         latents = ddim_sample(guided, self.schedule, noise, steps=steps)  # noise → latent, η = 0

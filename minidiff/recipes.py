@@ -16,6 +16,8 @@ Each recipe trains one model from scratch on the bundled MNIST digits, measures 
     mnist_progressive   mnist_ddpm progressively distilled to 4 steps (lesson 12)
     mnist_consistency   mnist_ddpm consistency-distilled to 1–4 steps (lesson 12)
     mnist_flow          lesson 07's U-Net trained by flow matching on the straight path (lesson 14)
+    lora_subject        a LoRA adapter of text_digits: one particular 7 as "sks 7" (lesson 13; also
+                        lora_subject_no_prior and lora_style; adapters go to pretrained_weights/adapters)
 """
 
 from __future__ import annotations
@@ -220,12 +222,14 @@ RECIPES: dict[str, Callable[..., dict[str, Any]]] = {
 
 def all_recipes() -> dict[str, Callable[..., dict[str, Any]]]:
     """Every recipe by name: the MNIST ones here, the captioned-scene ones of :mod:`minidiff.text_recipes`, the
-    few-step students of :mod:`minidiff.distill_recipes` and the flow model of :mod:`minidiff.flow_recipes`."""
+    few-step students of :mod:`minidiff.distill_recipes`, the flow model of :mod:`minidiff.flow_recipes` and the
+    adapters of :mod:`minidiff.lora_recipes`."""
     from minidiff.distill_recipes import DISTILL_RECIPES  # imported here: they build on this module
     from minidiff.flow_recipes import FLOW_RECIPES
+    from minidiff.lora_recipes import LORA_RECIPES
     from minidiff.text_recipes import TEXT_RECIPES
 
-    return RECIPES | TEXT_RECIPES | DISTILL_RECIPES | FLOW_RECIPES
+    return RECIPES | TEXT_RECIPES | DISTILL_RECIPES | FLOW_RECIPES | LORA_RECIPES
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

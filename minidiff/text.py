@@ -41,26 +41,31 @@ WORD_IDS = {word: index for index, word in enumerate(VOCABULARY)}
 MAX_TOKENS = 16
 
 
-def tokenize(captions: str | Sequence[str], max_tokens: int = MAX_TOKENS) -> torch.Tensor:
+def tokenize(captions: str | Sequence[str], max_tokens: int = MAX_TOKENS,
+             vocabulary: Sequence[str] = VOCABULARY) -> torch.Tensor:
     """Token ids [N, max_tokens]: ``<start>``, one id per word, then ``<pad>`` (id 0) up to ``max_tokens``.
 
-    Words are split on spaces and lower-cased; a word outside :data:`VOCABULARY` is an error, never
-    silently dropped. The attention mask is ``ids != 0`` (:func:`padding_mask`).
+    Words are split on spaces and lower-cased; a word outside ``vocabulary`` (:data:`VOCABULARY`, or a model's
+    ``vocabulary`` after lesson 13's :func:`minidiff.lora.add_words`) is an error, never silently dropped.
+    The attention mask is ``ids != 0`` (:func:`padding_mask`).
     """
     if isinstance(captions, str):
         captions = [captions]
+    if tuple(vocabulary[:len(WORD_IDS)]) != VOCABULARY:
+        raise ValueError("vocabulary must start with minidiff.text.VOCABULARY (new words go after it)")
+    word_ids = {word: index for index, word in enumerate(vocabulary)}
     rows = []
     for caption in captions:
         if not isinstance(caption, str):
             raise ValueError(f"captions must be strings, got {type(caption).__name__}")
         words = caption.lower().split()
-        unknown = [word for word in words if word not in WORD_IDS or word in (PAD, NULL, START)]
+        unknown = [word for word in words if word not in word_ids or word in (PAD, NULL, START)]
         if unknown:
             raise ValueError(f"unknown word {unknown[0]!r} in caption {caption!r}; the vocabulary is "
-                             f"{' '.join(VOCABULARY[3:])}")
+                             f"{' '.join(vocabulary[3:])}")
         if len(words) + 1 > max_tokens:
             raise ValueError(f"caption {caption!r} has {len(words)} words; at most {max_tokens - 1} fit")
-        ids = [WORD_IDS[START], *(WORD_IDS[word] for word in words)]
+        ids = [WORD_IDS[START], *(word_ids[word] for word in words)]
         rows.append(ids + [WORD_IDS[PAD]] * (max_tokens - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -75,9 +80,9 @@ def padding_mask(tokens: torch.Tensor) -> torch.Tensor:
     return tokens != WORD_IDS[PAD]
 
 
-def decode(tokens: torch.Tensor) -> list[str]:
+def decode(tokens: torch.Tensor, vocabulary: Sequence[str] = VOCABULARY) -> list[str]:
     """The words of each row of token ids, without the special tokens."""
-    return [" ".join(VOCABULARY[i] for i in row.tolist() if i > WORD_IDS[START]) for row in tokens]
+    return [" ".join(vocabulary[i] for i in row.tolist() if i > WORD_IDS[START]) for row in tokens]
 
 
 class EncoderBlock(nn.Module):
@@ -166,6 +171,8 @@ class TextConditionedUNet(nn.Module):
         self.encoder = TextEncoder(self.config.encoder)
         self.unet = UNet(self.config.unet)
         self.null_class = WORD_IDS[NULL]
+        #: the words this model reads (lesson 13's adapters append new ones; see :func:`minidiff.lora.add_words`)
+        self.vocabulary: tuple[str, ...] = VOCABULARY
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Predict the noise in ``x`` [B, 3, 32, 32] at timesteps ``t`` [B] given caption tokens ``y`` [B, L]."""
@@ -226,7 +233,7 @@ def sample_captions(model: TextConditionedUNet, schedule: NoiseSchedule, caption
     so a seed fixes the images.
     """
     where = next(model.parameters()).device
-    tokens = tokenize(list(captions), model.config.encoder.max_tokens).to(where)
+    tokens = tokenize(list(captions), model.config.encoder.max_tokens, model.vocabulary).to(where)
     shape = (model.config.unet.in_channels, model.config.unet.image_size, model.config.unet.image_size)
     images = []
     for start in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="sampling captions", leave=False):
