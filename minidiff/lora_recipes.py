@@ -56,6 +56,7 @@ class Personalised:
     result: TrainResult
     report: dict[str, Any]
     trainable: int
+    #: the GPU memory training took beyond what was allocated before it (the models, the pictures), in MiB
     peak_memory_mb: float | None
 
 
@@ -112,13 +113,16 @@ def personalise(concept: str = "subject", rank: int | None = 4, targets: str = "
     def loss(net: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return dreambooth_loss(net, schedule, batch[:2], batch[2:], prior_weight)
 
-    if where.type == "cuda":
+    already = 0
+    if where.type == "cuda":  # what training itself takes: gradients, optimiser state, activations, buffers
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(where)
+        already = torch.cuda.memory_allocated(where)
     steps = steps or budget(full=800, fast=3)
     lr = lr or (1e-4 if rank is None else 1e-3)
     result = fit(model, loss, next_batch, steps, lr=lr, ema_decay=None, warmup_steps=min(50, steps // 5),
                  cosine_decay=True, bf16=True, progress=progress)
-    peak = torch.cuda.max_memory_allocated(where) / 2**20 if where.type == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated(where) - already) / 2**20 if where.type == "cuda" else None
     report = {}
     if evaluate:
         thresholds = real_thresholds(glyph, budget(full=500, fast=20), torch.Generator().manual_seed(seed))
