@@ -302,3 +302,18 @@ def test_the_cfg_check_sees_an_off_by_one_scale() -> None:
              "    return eps_conditional + scale * (eps_conditional - eps_unconditional)\n")
     with pytest.raises(ExerciseWrong, match="one step beyond"):
         _run_until("09_guidance.ipynb", "ex09_cfg_check", wrong)
+
+
+@pytest.mark.parametrize(("check", "wrong", "hint"), [
+    ("ex13_conv_delta_check", "def my_conv_delta(down, up, scale):\n"
+     "    return torch.einsum('oj,jikl->oikl', up[:, :, 0, 0], down)\n", "scale alpha / r is missing"),
+    ("ex13_stack_check", "def my_stack(down1, up1, s1, down2, up2, s2):\n"
+     "    return torch.cat([down1, down2]), torch.cat([up1, up2], dim=1)\n", "scales are missing"),
+])
+def test_lesson_13_checks_name_the_slip(check: str, wrong: str, hint: str) -> None:
+    """Exercises 13.1 and 13.2: a LoRA merge without α/r, a stack without the scales."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with pytest.raises(ExerciseWrong, match=hint):
+        _run_until("13_lora_finetuning.ipynb", check, wrong)
