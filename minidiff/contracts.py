@@ -26,6 +26,7 @@ Adapters (each a closure returning the other kind):
 * :func:`score_from_eps`: ε-model → continuous-time score, −ε(x, sT)/√(1 − ᾱ(s)) (lesson 05).
 * :func:`eps_from_score`: continuous-time score → ε-model, −√(1 − ᾱ_t) score(x, t/T) (lesson 04, eq. 6).
 * :func:`at_level`: continuous-time score → the score of one level, for Langevin at that level.
+* :func:`eps_from_v`: a v-prediction network (Salimans & Ho 2022) → ε-model;
 * :func:`eps_from_velocity`: a velocity model of the straight path x_τ = (1 − τ) x_0 + τ ε → ε-model of a
   variance-preserving schedule, by rescaling x_t and mapping t to τ (lesson 14).
 """
@@ -80,6 +81,14 @@ def eps_from_score(score: TimeScore, schedule: NoiseSchedule) -> EpsModel:
 def at_level(score: TimeScore, s: float) -> LevelScore:
     """The score of the single density p_s, for Langevin dynamics at that level: x ↦ score(x, s)."""
     return lambda x: score(x, s)
+
+
+def eps_from_v(v_model: EpsModel, schedule: NoiseSchedule) -> EpsModel:
+    """Read a v-prediction network (trained with ``ddpm_loss(..., target="v")``) as an ε-model:
+    ε̂ = √(1 − ᾱ_t) x_t + √ᾱ_t v̂ (:meth:`NoiseSchedule.eps_from_v`), so every sampler of lesson 08 runs it."""
+    def eps(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return schedule.eps_from_v(x, timesteps, v_model(x, timesteps).to(x.dtype))
+    return eps
 
 
 def eps_from_velocity(velocity_model: VelocityModel, schedule: NoiseSchedule) -> EpsModel:

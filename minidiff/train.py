@@ -321,20 +321,38 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
     return result
 
 
+#: What a network can be trained to predict at x_t: the noise ε (DDPM), the clean data x_0, or
+#: v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022; lesson 14, eq. 7).
+PREDICTION_TARGETS = ("eps", "x0", "v")
+
+
 def ddpm_loss(model: EpsModel, schedule: NoiseSchedule, x0: torch.Tensor,
               generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
+              noise: torch.Tensor | None = None, target: str = "eps") -> torch.Tensor:
     """Algorithm 1 of Ho et al. (2020): L_simple = E ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², t ~ U{1..T}.
 
     The mean over every dimension is used (a constant factor away from the sum in the paper). ``t`` and
     ``noise`` are drawn here unless given (giving them makes the loss deterministic, e.g. to check it).
+    ``target`` "x0" or "v" regresses the network onto x_0 or onto v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 instead
+    (:data:`PREDICTION_TARGETS`); read such a model as an ε-model with :func:`minidiff.contracts.eps_from_v`.
+    In ε-terms the v-loss weights each t by 1/ᾱ_t (lesson 14, eq. 8).
     """
+    if target not in PREDICTION_TARGETS:
+        raise ValueError(f"target must be one of {PREDICTION_TARGETS}, got {target!r}")
     if t is None:
         t = schedule.sample_timesteps(x0.shape[0], generator, device=x0.device)
     if noise is None:
         noise = randn_like(x0, generator)
-    prediction = model(schedule.q_sample(x0, t, noise), t)
-    return ((noise - prediction.float()) ** 2).mean()
+    x_t = schedule.q_sample(x0, t, noise)
+    prediction = model(x_t, t)
+    if target == "eps":
+        wanted = noise
+    elif target == "x0":
+        wanted = x0
+    else:  # from x_0 and ε directly: going through x̂_0 would divide by √ᾱ_t ≈ 5·10⁻⁵ at the cosine schedule's end
+        alpha_bar = schedule.gather(schedule.alpha_bars, t, x0)
+        wanted = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    return ((wanted - prediction.float()) ** 2).mean()
 
 
 def random_rows(data: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int,
