@@ -111,6 +111,12 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
          "    return sde.drift(x, s) - sde.diffusion_coefficient(s) ** 2 * score_fn(x, s)\n", r"Half of g\^2"),
         ("def my_pf_drift(sde, score_fn, x, s):\n"
          "    return sde.drift(x, s) + 0.5 * sde.diffusion_coefficient(s) ** 2 * score_fn(x, s)\n", r"Half of g\^2")],
+    "ex05_find_the_bug_check": [
+        ("def fixed_reverse_step(sde, score_fn, x, s, ds, z):\n    g = sde.diffusion_coefficient(s)\n"
+         "    return x - (sde.drift(x, s) - g ** 2 * score_fn(x, s)) * ds + g * ds * z\n", "barely spread"),
+        ("def fixed_reverse_step(sde, score_fn, x, s, ds, z):\n    g = sde.diffusion_coefficient(s)\n"
+         "    return x - (sde.drift(x, s) - 0.5 * g ** 2 * score_fn(x, s)) * ds + g * ds ** 0.5 * z\n",
+         "Compare the drift")],
     "ex05_heun_check": [
         ("def my_heun_step(drift, x, s, s_next):\n    slope = drift(x, s)\n"
          "    return x + 0.5 * (s_next - s) * (slope + drift(x, s_next))\n", "Euler guess"),
