@@ -220,6 +220,10 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
         ("def my_kl(mean, log_var):\n    return 0.5 * (mean ** 2 + log_var.exp() - log_var)\n", "forget the -1"),
         ("def my_kl(mean, log_var):\n    return 0.5 * (mean ** 2 + log_var.exp() ** 2 - 1.0 - log_var)\n",
          "Monte Carlo")],
+    "ex11_find_the_bug_check": [
+        ("def fixed_sample(mean, log_var, eps):\n    return mean + log_var.exp() * eps\n", "the standard deviation"),
+        ("def fixed_sample(mean, log_var, eps):\n"
+         "    return (mean + (0.5 * log_var).exp() * eps).detach()\n", "reparameterisation trick")],
     "ex11_snr_check": [
         ("def my_snr_one_timestep(schedule, data_std):\n    a = schedule.alpha_bars\n"
          "    return int(torch.nonzero(a * data_std / (1 - a) <= 1)[0])\n", "Square the std"),
