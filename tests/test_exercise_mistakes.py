@@ -208,6 +208,9 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
          "heads(values))\n"
          "    return x + layer.out(out.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(b, c, h, w)\n",
          "my_cross_attention")],
+    "ex10_find_the_bug_check": [
+        ("def fixed_mask(tokens):\n    return tokens == WORD_IDS['<pad>']\n", "hides the caption|look at <pad>"),
+        ("def fixed_mask(tokens):\n    return torch.ones_like(tokens, dtype=torch.bool)\n", "look at <pad>")],
     "ex10_caption_dropout_check": [
         ("def my_caption_dropout(tokens, p, null_id, generator):\n"
          "    dropped = torch.rand(tokens.shape, generator=generator) < p\n"
