@@ -57,6 +57,11 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
          "    alpha_bar_prev, beta = schedule.alpha_bars[t - 1], schedule.betas[t]\n"
          "    mean = (alpha_bar_prev.sqrt() * beta * x0 + alpha.sqrt() * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)\n"
          "    return mean, beta\n", "the variance")],
+    "ex02_find_the_bug_check": [
+        ("def fixed_posterior_variance(schedule, t):\n"
+         "    return float((1 - schedule.alpha_bars[t]) / (1 - schedule.alpha_bars[t - 1]) * schedule.betas[t])\n",
+         "upside down"),
+        ("def fixed_posterior_variance(schedule, t):\n    return float(schedule.betas[t])\n", "forward step's variance")],
     "ex02_gaussian_kl_check": [
         ("def my_gaussian_kl(m1, v1, m2, v2):\n    return torch.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / v2 - 1\n",
          "factor 1/2"),
