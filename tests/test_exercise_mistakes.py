@@ -135,6 +135,13 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
         ("def my_sinusoidal_embedding(t, dim):\n    half = dim // 2\n"
          "    angles = t.float()[:, None] * 1_000.0 ** (-torch.arange(half) / half)[None]\n"
          "    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)\n", "the embedding")],
+    "ex06_find_the_bug_check": [
+        ("def fixed_embedding(t, dim):\n    half = dim // 2\n"
+         "    angles = t.double()[:, None] * (10_000.0 ** (-torch.arange(half) / half))[None]\n"
+         "    return torch.cat([torch.sin(angles), torch.sin(angles)], dim=1)\n", "a sine and a cosine"),
+        ("def fixed_embedding(t, dim):\n    half = dim // 2\n"
+         "    angles = t.double()[:, None] * (10_000.0 ** (torch.arange(half) / half))[None]\n"
+         "    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)\n", "must fall")],
     "ex06_attention_check": [
         ("def my_attention(module, x):\n    b, c, h, w = x.shape\n"
          "    tokens = module.norm(x).flatten(2).transpose(1, 2)\n    keys, values = module.key_value(tokens).chunk(2, -1)\n"
