@@ -162,6 +162,11 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
          "        average.mul_(1 - decay).add_(weight, alpha=decay)\n", "averaged weights"),
         ("def my_ema_update(averaged, current, decay):\n    for average, weight in zip(averaged, current):\n"
          "        average = decay * average + (1 - decay) * weight\n", "averaged weights")],
+    "ex07_find_the_bug_check": [
+        ("def fixed_timesteps(batch_size, T, generator):\n"
+         "    return torch.randint(0, T, (batch_size,), generator=generator)\n", "clean data"),
+        ("def fixed_timesteps(batch_size, T, generator):\n"
+         "    return torch.randint(1, T, (batch_size,), generator=generator)\n", "never comes up")],
     "ex07_x0_check": [
         ("def my_predict_x0(schedule, x_t, t, eps):\n    a = schedule.alpha_bars[t].item()\n"
          "    return (x_t - (1 - a) ** 0.5 * eps) / a\n", "x̂0"),
