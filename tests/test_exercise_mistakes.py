@@ -269,6 +269,11 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
          "scale alpha / r is missing"),
         ("def my_conv_delta(down, up, scale):\n"
          "    return scale ** 2 * torch.einsum('oj,jikl->oikl', up[:, :, 0, 0], down)\n", "applied twice")],
+    "ex13_find_the_bug_check": [
+        ("def fixed_init(d_in, d_out, rank):\n    return torch.zeros(rank, d_in), torch.zeros(d_out, rank)\n",
+         "nothing ever moves"),
+        ("def fixed_init(d_in, d_out, rank):\n    return torch.randn(rank, d_in), torch.randn(d_out, rank)\n",
+         "start away from the pretrained")],
     "ex13_stack_check": [
         ("def my_stack(down1, up1, s1, down2, up2, s2):\n    return torch.cat([down1, down2]), torch.cat([up1, up2], 1)\n",
          "scales are missing"),
@@ -278,6 +283,15 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
     "ex14_convert_check": [
         ("def my_x0_and_eps(x, v, tau):\n    return x - tau * v, x - (1 - tau) * v\n", "signs are swapped"),
         ("def my_x0_and_eps(x, v, tau):\n    return x + tau * v, x + (1 - tau) * v\n", r"x0 = x - tau v")],
+    "ex14_find_the_bug_check": [
+        ("def fixed_euler(velocity, x1, steps):\n    x, taus = x1, torch.linspace(1e-3, 1.0, steps + 1, dtype=x1.dtype)\n"
+         "    for tau, tau_next in zip(taus[:-1], taus[1:]):\n"
+         "        x = x + (tau_next - tau) * velocity(x, torch.full((len(x),), float(tau), dtype=x1.dtype))\n"
+         "    return x\n", "starts at the noise"),
+        ("def fixed_euler(velocity, x1, steps):\n    x, taus = x1, torch.linspace(1.0, 0.0, steps + 1, dtype=x1.dtype)\n"
+         "    for tau, tau_next in zip(taus[:-1], taus[1:]):\n"
+         "        x = x - (tau_next - tau) * velocity(x, torch.full((len(x),), float(tau), dtype=x1.dtype))\n"
+         "    return x\n", "starts at the noise")],
     "ex14_one_step_check": [
         ("def my_one_euler_step(x1, data_mean):\n    return x1.clone()\n", "does not stay at x1"),
         ("def my_one_euler_step(x1, data_mean):\n    return 2 * x1 - data_mean\n", "goes the wrong way")],
