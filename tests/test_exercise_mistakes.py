@@ -256,6 +256,13 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
         ("def my_distillation_target(x_t, x_next, alpha_t, sigma_t, alpha_next, sigma_next):\n"
          "    ratio = sigma_t / sigma_next\n    return (x_next - ratio * x_t) / (alpha_next - ratio * alpha_t)\n",
          "one student step")],
+    "ex12_find_the_bug_check": [
+        ("def fixed_coefficients(sigma_bar, sigma_data=0.5):\n"
+         "    return sigma_bar ** 2 / (sigma_bar ** 2 + sigma_data ** 2), "
+         "sigma_bar * sigma_data / (sigma_bar ** 2 + sigma_data ** 2) ** 0.5\n", "f\\(x, 0\\) = x must hold"),
+        ("def fixed_coefficients(sigma_bar, sigma_data=0.5):\n"
+         "    return sigma_data ** 2 / (sigma_bar ** 2 + sigma_data ** 2), "
+         "sigma_bar * sigma_data / (sigma_bar ** 2 + sigma_data ** 2)\n", "standard deviation of x0")],
     "ex12_multistep_check": [
         ("def my_consistency_sample(model, times, x_T, noises, schedule):\n"
          "    return model.x0(x_T, torch.full((len(x_T),), times[0]))\n", "one-call prediction"),
