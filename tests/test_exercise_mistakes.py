@@ -105,6 +105,9 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
          "    return 0.5 * ((score_model(x + sigma * z) - z / sigma) ** 2).sum(-1).mean()\n", "target is -z / sigma"),
         ("def my_dsm_loss(score_model, x, sigma, z):\n"
          "    return ((score_model(x + sigma * z) + z / sigma) ** 2).sum(-1).mean()\n", "my_dsm_loss")],
+    "ex04_find_the_bug_check": [
+        ("def fixed_gaussian_score(x, mean, var):\n    return (x - mean) / var\n", "points away from the mean"),
+        ("def fixed_gaussian_score(x, mean, var):\n    return -(x - mean) / var ** 0.5\n", "not the standard deviation")],
     "ex04_langevin_check": [
         ("def my_langevin_step(x, score, step_size, z):\n    return x + step_size * score + step_size ** 0.5 * z\n",
          "Which variance"),
