@@ -192,6 +192,9 @@ def merged(kind: str, adapters: tuple[str | Path, str | Path] = ("lora_subject",
 def _recipe(name: str, concept: str, prior_weight: float, full_steps: int) -> Callable[..., dict[str, Any]]:
     def train(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
               judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
+        if time_limit is not None:  # refused rather than ignored: an adapter's run is a fixed number of steps
+            raise ValueError(f"{name} takes no time limit (it trains {full_steps} steps, about a minute on a GPU); "
+                             "use --steps to shorten it")
         start = time.perf_counter()
         run = personalise(concept, 4, "unet", prior_weight, steps or budget(full=full_steps, fast=3), seed=seed,
                           progress=progress, directory=judge_directory)

@@ -280,6 +280,14 @@ def test_a_wrong_base_a_rank_mismatch_and_a_corrupted_file_are_refused(tmp_path:
 
 
 def test_bad_arguments_are_named() -> None:
+    from minidiff.lora_recipes import LORA_RECIPES, merged, personalise
+
+    with pytest.raises(ValueError, match="takes no time limit"):
+        LORA_RECIPES["lora_subject"](Path("/tmp/unused"), time_limit=10.0)
+    with pytest.raises(ValueError, match="concept must be"):
+        personalise("texture")
+    with pytest.raises(ValueError, match="kind must be"):
+        merged("average")
     model = fresh_base()
     with pytest.raises(ValueError, match="rank must be an int >= 1"):
         inject(model, rank=0)
