@@ -464,3 +464,13 @@ def test_shipped_subject_adapter_with_prior_keeps_the_class_and_without_it_drift
     assert with_prior["ordinary_caption_accuracy"] >= 0.9 * base_accuracy
     assert without["class_subject_rate"] > 0.9 and without["ordinary_caption_accuracy"] < with_prior[
         "ordinary_caption_accuracy"]
+
+
+@pytest.mark.parametrize("name", SHIPPED_ADAPTERS)
+def test_every_adapter_recipe_runs_in_fast_mode_and_loads_onto_its_base(tmp_path: Path, name: str) -> None:
+    from minidiff.lora_recipes import LORA_RECIPES
+
+    card = LORA_RECIPES[name](tmp_path, progress=False)
+    assert card["fast_mode"] and card["recipe"].endswith("--fast") and card["adapter"]["rank"] == 4
+    model = load_adapter(fresh_base(), tmp_path / f"{name}.safetensors")
+    assert model.vocabulary[-1] == ("striped" if "style" in name else "sks")
