@@ -203,6 +203,15 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
     "ex09_cfg_check": [
         ("def my_cfg(u, c, scale):\n    return c + scale * (c - u)\n", "one step beyond"),
         ("def my_cfg(u, c, scale):\n    return u + scale * (u - c)\n", "scale-1 samples")],
+    "ex09_find_the_bug_check": [
+        ("def fixed_gradient(classifier, x, t, label):\n    with torch.enable_grad():\n"
+         "        probe = x.detach().requires_grad_(True)\n"
+         "        p = torch.softmax(classifier(probe, t), dim=-1)[:, label].sum()\n"
+         "        return torch.autograd.grad(p, probe)[0]\n", "gradient of LOG p"),
+        ("def fixed_gradient(classifier, x, t, label):\n    with torch.enable_grad():\n"
+         "        probe = x.detach().requires_grad_(True)\n"
+         "        log_p = torch.log_softmax(classifier(probe, t), dim=-1)[:, label].sum()\n"
+         "        return -torch.autograd.grad(log_p, probe)[0]\n", "your gradient")],
     "ex09_cg_check": [
         ("def my_classifier_guided_eps(eps, grad, alpha_bar, scale):\n    return eps + scale * (1 - alpha_bar) ** 0.5 * grad\n",
          "classifier guidance"),
