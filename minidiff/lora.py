@@ -209,9 +209,8 @@ def inject(model: nn.Module, rank: int, alpha: float | None = None, targets: str
     names = target_names(model, targets)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for module in model.modules():  # new words (add_words) belong to the adapter: they stay trainable
-        if isinstance(module, NewWords):
-            module.rows.requires_grad_(True)
+    if (words := new_words_table(model)) is not None:  # new words (add_words) belong to the adapter: kept trainable
+        words.rows.requires_grad_(True)
     for name in names:
         _replace(model, name, _wrap(model.get_submodule(name), rank, alpha))
     return names
@@ -290,6 +289,11 @@ def add_words(model: nn.Module, words: Sequence[str], init_from: str = "a") -> l
     return [model.vocabulary.index(word) for word in words]
 
 
+def new_words_table(model: nn.Module) -> NewWords | None:
+    """The model's table of new words, if :func:`add_words` gave it one."""
+    return next((module for module in model.modules() if isinstance(module, NewWords)), None)
+
+
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """The parameters that will be trained (``requires_grad``): after :func:`inject`, the adapter's alone."""
     return (p for p in model.parameters() if p.requires_grad)
@@ -300,9 +304,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for name, layer in lora_layers(model).items():
         state[f"{name}.down"], state[f"{name}.up"] = layer.gated_down().detach(), layer.up.detach()
-    for module in model.modules():
-        if isinstance(module, NewWords):
-            state["new_words"] = module.rows.detach()
+    if (words := new_words_table(model)) is not None:
+        state["new_words"] = words.rows.detach()
     return {name: tensor.float().cpu().contiguous() for name, tensor in state.items()}
 
 
@@ -377,13 +380,10 @@ def load_adapter_card(name_or_path: str | Path) -> dict[str, Any]:
     return json.loads(_adapter_path(name_or_path).with_suffix(".json").read_text(encoding="utf-8"))
 
 
-def load_adapter(model: nn.Module, name_or_path: str | Path, check_base: bool = True) -> nn.Module:
-    """Put the adapter ``name_or_path`` onto ``model`` (injecting its layers and words) and return ``model``.
-
-    Refused with a clear error: a file whose sha256 does not match its card; a base model other than the one
-    the adapter was trained on (``model.card['sha256']``; ``check_base=False`` skips this); a model whose LoRA
-    layers already have another rank or other layers; layer shapes that do not fit.
-    """
+def read_adapter(name_or_path: str | Path, model: nn.Module, check_base: bool = True
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The card and tensors of adapter ``name_or_path``, after checking the file's sha256 against its card and
+    (unless ``check_base=False``) that ``model`` is the base it was trained on (``model.card['sha256']``)."""
     from minidiff.weights import file_sha256
 
     path = _adapter_path(name_or_path)
@@ -391,12 +391,24 @@ def load_adapter(model: nn.Module, name_or_path: str | Path, check_base: bool = 
     if (actual := file_sha256(path)) != card["sha256"]:
         raise ValueError(f"{path} is corrupted or was replaced: sha256 {actual[:12]}… but its card says "
                          f"{card['sha256'][:12]}…")
-    spec, base = card["adapter"], card["adapter"]["base"]
-    model_sha = (getattr(model, "card", None) or {}).get("sha256")
-    if check_base and model_sha != base["sha256"]:
-        raise ValueError(f"wrong base model: this adapter was trained on {base['name']!r} (sha256 "
-                         f"{str(base['sha256'])[:12]}…), but the model given is "
-                         f"{(getattr(model, 'card', None) or {}).get('name')!r} (sha256 {str(model_sha)[:12]}…)")
+    base = card["adapter"]["base"]
+    model_card = getattr(model, "card", None) or {}
+    if check_base and model_card.get("sha256") != base["sha256"]:
+        raise ValueError(f"wrong base model: adapter {path.name} was trained on {base['name']!r} (sha256 "
+                         f"{str(base['sha256'])[:12]}…), but the model given is {model_card.get('name')!r} "
+                         f"(sha256 {str(model_card.get('sha256'))[:12]}…)")
+    return card, load_file(path)
+
+
+def load_adapter(model: nn.Module, name_or_path: str | Path, check_base: bool = True) -> nn.Module:
+    """Put the adapter ``name_or_path`` onto ``model`` (injecting its layers and words) and return ``model``.
+
+    Refused with a clear error: a file whose sha256 does not match its card; a base model other than the one
+    the adapter was trained on (``model.card['sha256']``; ``check_base=False`` skips this); a model whose LoRA
+    layers already have another rank or other layers; layer shapes that do not fit.
+    """
+    card, tensors = read_adapter(name_or_path, model, check_base)
+    spec = card["adapter"]
     existing = lora_layers(model)
     if existing:
         ranks = {layer.rank for layer in existing.values()}
@@ -405,11 +417,11 @@ def load_adapter(model: nn.Module, name_or_path: str | Path, check_base: bool = 
                              f"{len(existing)} layers; the adapter has rank {spec['rank']} on {len(spec['layers'])}"
                              " layers. remove(model) first")
     else:
-        missing = [name for name in spec["layers"] if name not in dict(model.named_modules())]
+        modules = dict(model.named_modules())
+        missing = [name for name in spec["layers"] if name not in modules]
         if missing:
             raise ValueError(f"wrong base model: it has no layer {missing[0]!r} that the adapter adapts")
         inject(model, spec["rank"], spec["alpha"], targets=spec["layers"])
-    tensors = load_file(path)
     if spec["words"] and tuple(getattr(model, "vocabulary", ()))[-len(spec["words"]):] != tuple(spec["words"]):
         add_words(model, spec["words"])
     with torch.no_grad():
@@ -421,7 +433,7 @@ def load_adapter(model: nn.Module, name_or_path: str | Path, check_base: bool = 
                                      f"{tuple(value.shape)} in the adapter")
                 target.copy_(value)
         if "new_words" in tensors:
-            rows = next(m for m in model.modules() if isinstance(m, NewWords)).rows
+            rows = new_words_table(model).rows
             if rows.shape != tensors["new_words"].shape:
                 raise ValueError(f"the adapter's new-word rows are {tuple(tensors['new_words'].shape)}, the "
                                  f"model's {tuple(rows.shape)}: was another adapter with new words loaded first?")

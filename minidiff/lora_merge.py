@@ -20,15 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from minidiff.lora import (
-    NewWords,
     add_words,
     inject,
-    load_adapter_card,
     lora_layers,
+    new_words_table,
+    read_adapter,
     target_names,
 )
 from minidiff.runtime import check_number, randn_like
@@ -41,27 +40,13 @@ def stack_adapters(model: nn.Module, adapters: Sequence[str | Path], strengths: 
     Σ strengthᵢ·ΔWᵢ (lesson 13, eq. 4); their new words are all added. Each adapter's ranks form one *group*
     (``group_of_rank``), which :func:`add_zip_gates` gives its own coefficients.
     """
-    from minidiff.lora import _adapter_path  # the file lookup of shipped adapters
-    from minidiff.weights import file_sha256
-
     strengths = list(strengths) if strengths is not None else [1.0] * len(adapters)
     if len(adapters) < 2 or len(strengths) != len(adapters):
         raise ValueError(f"give two or more adapters and one strength each, got {len(adapters)} adapters and "
                          f"{len(strengths)} strengths")
     if lora_layers(model):
         raise ValueError("model already has LoRA layers: remove(model) first")
-    cards, tensors = [], []
-    for adapter in adapters:
-        path = _adapter_path(adapter)
-        card = load_adapter_card(path)
-        if file_sha256(path) != card["sha256"]:
-            raise ValueError(f"{path} is corrupted or was replaced: its sha256 does not match its card")
-        base_sha = card["adapter"]["base"]["sha256"]
-        if check_base and (getattr(model, "card", None) or {}).get("sha256") != base_sha:
-            raise ValueError(f"wrong base model: adapter {path.name} was trained on "
-                             f"{card['adapter']['base']['name']!r}")
-        cards.append(card)
-        tensors.append(load_file(path))
+    cards, tensors = zip(*(read_adapter(adapter, model, check_base) for adapter in adapters), strict=True)
     layers = cards[0]["adapter"]["layers"]
     if any(card["adapter"]["layers"] != layers for card in cards):
         raise ValueError("the adapters adapt different layers; stacking needs the same layers in each")
@@ -73,15 +58,15 @@ def stack_adapters(model: nn.Module, adapters: Sequence[str | Path], strengths: 
             add_words(model, card["adapter"]["words"])
             words_rows.append(state["new_words"])
     groups = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+    scales = [card["adapter"]["alpha"] / card["adapter"]["rank"] * strength
+              for card, strength in zip(cards, strengths, strict=True)]
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
-            scales = [card["adapter"]["alpha"] / card["adapter"]["rank"] * strength
-                      for card, strength in zip(cards, strengths, strict=True)]
             layer.down.copy_(torch.cat([state[f"{name}.down"] for state in tensors]))
             layer.up.copy_(torch.cat([s * state[f"{name}.up"] for s, state in zip(scales, tensors, strict=True)], 1))
             layer.group_of_rank = groups.to(layer.down.device)
         if words_rows:
-            next(m for m in model.modules() if isinstance(m, NewWords)).rows.copy_(torch.cat(words_rows))
+            new_words_table(model).rows.copy_(torch.cat(words_rows))
     model.adapter_groups = len(ranks)
     return model
 
