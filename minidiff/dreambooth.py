@@ -105,6 +105,21 @@ class Concept:
     test_scenes: list[Scene]
 
 
+def subject_prompts() -> tuple[list[str], list[Scene]]:
+    """The prompts that should draw the subject: "a COLOUR sks 7 on the SLOT", every colour in both slots."""
+    scenes = [Scene((DigitObject(SUBJECT_DIGIT, colour, position),)) for colour in COLOURS for position in POSITIONS]
+    return [f"a {s.objects[0].colour} {SUBJECT_WORD} {SUBJECT_DIGIT} on the {s.objects[0].position}"
+            for s in scenes], scenes
+
+
+def style_prompts() -> tuple[list[str], list[Scene]]:
+    """The prompts that should draw stripes: "a striped COLOUR DIGIT on the SLOT", every digit twice."""
+    scenes = [Scene((DigitObject(digit, COLOURS[(digit + k) % 4], POSITIONS[k % 2]),))
+              for digit in range(10) for k in range(2)]
+    return [f"a {STYLE_WORD} {s.objects[0].colour} {s.objects[0].digit} on the {s.objects[0].position}"
+            for s in scenes], scenes
+
+
 def subject_concept(glyph: torch.Tensor, count: int = 8, generator: torch.Generator | None = None) -> Concept:
     """``count`` pictures of the subject glyph in :data:`SUBJECT_COLOURS`, both slots, captioned
     "a red sks 7 on the left"; the test prompts ask for every colour in both slots."""
@@ -113,9 +128,7 @@ def subject_concept(glyph: torch.Tensor, count: int = 8, generator: torch.Genera
         colour, position = SUBJECT_COLOURS[index % 2], POSITIONS[(index // 2) % 2]
         images.append(render([(glyph, colour, position)], generator))
         captions.append(f"a {colour} {SUBJECT_WORD} {SUBJECT_DIGIT} on the {position}")
-    scenes = [Scene((DigitObject(SUBJECT_DIGIT, colour, position),)) for colour in COLOURS for position in POSITIONS]
-    tests = [f"a {s.objects[0].colour} {SUBJECT_WORD} {SUBJECT_DIGIT} on the {s.objects[0].position}" for s in scenes]
-    return Concept(torch.stack(images), captions, tests, scenes)
+    return Concept(torch.stack(images), captions, *subject_prompts())
 
 
 def style_concept(count: int = 8, generator: torch.Generator | None = None) -> Concept:
@@ -131,11 +144,7 @@ def style_concept(count: int = 8, generator: torch.Generator | None = None) -> C
         glyph = data.digits[pool[int(torch.randint(0, len(pool), (), generator=generator))]]
         images.append(render([(striped(glyph), item.colour, item.position)], generator))
         captions.append(f"a {STYLE_WORD} {item.colour} {item.digit} on the {item.position}")
-    scenes = [Scene((DigitObject(digit, COLOURS[(digit + k) % 4], POSITIONS[k % 2]),))
-              for digit in range(10) for k in range(2)]
-    tests = [f"a {STYLE_WORD} {s.objects[0].colour} {s.objects[0].digit} on the {s.objects[0].position}"
-             for s in scenes]
-    return Concept(torch.stack(images), captions, tests, scenes)
+    return Concept(torch.stack(images), captions, *style_prompts())
 
 
 def ordinary_scenes(count: int, digits: Sequence[int] = tuple(range(10)), generator: torch.Generator | None = None
@@ -226,6 +235,14 @@ def real_thresholds(glyph: torch.Tensor, count: int = 500, generator: torch.Gene
             "stripe_score": stripes.item()}
 
 
+def _draw_prompts(draw: Draw, captions: list[str], scenes: list[Scene], samples: int, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, list[str], list[Scene]]:
+    """``samples`` pictures of ``captions`` cycled in turn: (images, the slot each asks for, the scenes)."""
+    repeat = -(-samples // len(captions))
+    captions, scenes = (captions * repeat)[:samples], (scenes * repeat)[:samples]
+    return draw(captions, generator), [s.objects[0].position for s in scenes], scenes
+
+
 def personalisation_report(draw: Draw, judge: nn.Module, glyph: torch.Tensor, thresholds: dict[str, float],
                            samples: int, generator: torch.Generator, subject: bool = True, style: bool = False
                            ) -> dict[str, Any]:
@@ -241,14 +258,11 @@ def personalisation_report(draw: Draw, judge: nn.Module, glyph: torch.Tensor, th
       ``style_rate`` and ``style_caption_accuracy`` on "a striped …" prompts.
     """
     def kind(captions: list[str], scenes: list[Scene]) -> tuple[torch.Tensor, list[str], list[Scene]]:
-        repeat = -(-samples // len(captions))
-        captions, scenes = (captions * repeat)[:samples], (scenes * repeat)[:samples]
-        return draw(captions, generator), [s.objects[0].position for s in scenes], scenes
+        return _draw_prompts(draw, captions, scenes, samples, generator)
 
     report: dict[str, Any] = {"samples_per_kind": samples}
     if subject:
-        concept = subject_concept(glyph, 1)
-        images, positions, scenes = kind(concept.test_captions, concept.test_scenes)
+        images, positions, scenes = kind(*subject_prompts())
         similarity = subject_similarity(images, glyph, positions)
         judged = caption_report(judge, images, scenes)
         report |= {"subject_similarity": similarity.mean().item(),
@@ -256,17 +270,16 @@ def personalisation_report(draw: Draw, judge: nn.Module, glyph: torch.Tensor, th
                    "subject_digit_accuracy": judged.digit_accuracy, "subject_colour_accuracy": judged.colour_accuracy}
     sevens = ordinary_scenes(len(COLOURS) * len(POSITIONS), (SUBJECT_DIGIT,))
     images, positions, _ = kind([s.caption() for s in sevens], sevens)
-    report["class_subject_similarity"] = subject_similarity(images, glyph, positions).mean().item()
-    report["class_subject_rate"] = (subject_similarity(images, glyph, positions)
-                                    > thresholds["subject_similarity"]).float().mean().item()
+    class_similarity = subject_similarity(images, glyph, positions)
+    report["class_subject_similarity"] = class_similarity.mean().item()
+    report["class_subject_rate"] = (class_similarity > thresholds["subject_similarity"]).float().mean().item()
     ordinary = ordinary_scenes(40)
     images, positions, scenes = kind([s.caption() for s in ordinary], ordinary)
     judged = caption_report(judge, images, scenes)
     report["ordinary_caption_accuracy"] = judged.caption_accuracy
     report["plain_stripe_rate"] = (stripe_score(images, positions) > thresholds["stripe_score"]).float().mean().item()
     if style:
-        concept = style_concept(1)
-        images, positions, scenes = kind(concept.test_captions, concept.test_scenes)
+        images, positions, scenes = kind(*style_prompts())
         stripes = stripe_score(images, positions)
         report["style_stripe_score"] = stripes.mean().item()
         report["style_rate"] = (stripes > thresholds["stripe_score"]).float().mean().item()
@@ -276,7 +289,7 @@ def personalisation_report(draw: Draw, judge: nn.Module, glyph: torch.Tensor, th
 
 def combined_captions() -> tuple[list[str], list[Scene]]:
     """The prompts of a merged subject-and-style model: "a striped COLOUR sks 7 on the SLOT", every colour and slot."""
-    scenes = [Scene((DigitObject(SUBJECT_DIGIT, colour, position),)) for colour in COLOURS for position in POSITIONS]
+    _, scenes = subject_prompts()  # the subject's scenes; the caption adds the style's word
     captions = [f"a {STYLE_WORD} {s.objects[0].colour} {SUBJECT_WORD} {SUBJECT_DIGIT} on the {s.objects[0].position}"
                 for s in scenes]
     return captions, scenes
@@ -287,11 +300,7 @@ def merge_report(draw: Draw, judge: nn.Module, glyph: torch.Tensor, thresholds: 
     """A merged adapter's figures: on "a striped red sks 7" prompts, is it the striped subject (similarity to the
     striped glyph, and the share above real striped 7s' 99th percentile), striped at all, both, and the right digit
     and colour (judge); and does each concept still work on its own prompts?"""
-    captions, scenes = combined_captions()
-    repeat = -(-samples // len(captions))
-    captions, scenes = (captions * repeat)[:samples], (scenes * repeat)[:samples]
-    images = draw(captions, generator)
-    positions = [s.objects[0].position for s in scenes]
+    images, positions, scenes = _draw_prompts(draw, *combined_captions(), samples, generator)
     # the target is the striped subject: compared with the striped glyph (stripes lower the plain glyph's score)
     similarity = subject_similarity(images, striped(glyph), positions)
     judged = caption_report(judge, images, scenes)
