@@ -76,6 +76,22 @@ def prior_samples(base: nn.Module, schedule: NoiseSchedule, concept: str, count:
     return draw_with(base, schedule)(captions, generator), captions
 
 
+def _base(directory: Path | None) -> tuple[nn.Module, nn.Module, NoiseSchedule]:
+    """The base model, lesson 10's attribute judge and the base model's schedule."""
+    model = pretrained(BASE, directory=directory)
+    return model, pretrained("attribute_judge", directory=directory), NoiseSchedule.from_spec(model.card["schedule"])
+
+
+def _measure(report: Callable[..., dict[str, Any]], model: nn.Module, schedule: NoiseSchedule, judge: nn.Module,
+             glyph: torch.Tensor, seed: int, **options: Any) -> dict[str, Any]:
+    """``report`` (:func:`~minidiff.dreambooth.personalisation_report` or :func:`~minidiff.dreambooth.merge_report`)
+    of ``model`` at the real-data thresholds, with lesson 13's sample counts and seeds, rounded for a card."""
+    thresholds = real_thresholds(glyph, budget(full=500, fast=20), torch.Generator().manual_seed(seed))
+    figures = report(draw_with(model, schedule), judge, glyph, thresholds, budget(full=200, fast=4),
+                     torch.Generator().manual_seed(seed + 1), **options)
+    return {name: rounded(value) if isinstance(value, float) else value for name, value in figures.items()}
+
+
 def personalise(concept: str = "subject", rank: int | None = 4, targets: str = "unet", prior_weight: float = 1.0,
                 steps: int | None = None, lr: float | None = None, seed: int = 0, prior_count: int | None = None,
                 batch_size: int | None = None, evaluate: bool = True, progress: bool = False,
@@ -86,9 +102,7 @@ def personalise(concept: str = "subject", rank: int | None = 4, targets: str = "
     if concept not in ("subject", "style"):
         raise ValueError(f"concept must be 'subject' or 'style', got {concept!r}")
     generator = seed_everything(seed)
-    model = pretrained(BASE, directory=directory)
-    judge = pretrained("attribute_judge", directory=directory)
-    schedule = NoiseSchedule.from_spec(model.card["schedule"])
+    model, judge, schedule = _base(directory)
     glyph = pick_subject()
     data: Concept = subject_concept(glyph, 8, generator) if concept == "subject" else style_concept(8, generator)
     prior_images, prior_captions = prior_samples(model, schedule, concept, prior_count or budget(full=200, fast=4),
@@ -123,26 +137,15 @@ def personalise(concept: str = "subject", rank: int | None = 4, targets: str = "
     result = fit(model, loss, next_batch, steps, lr=lr, ema_decay=None, warmup_steps=min(50, steps // 5),
                  cosine_decay=True, bf16=True, progress=progress)
     peak = (torch.cuda.max_memory_allocated(where) - already) / 2**20 if where.type == "cuda" else None
-    report = {}
-    if evaluate:
-        thresholds = real_thresholds(glyph, budget(full=500, fast=20), torch.Generator().manual_seed(seed))
-        report = personalisation_report(draw_with(model, schedule), judge, glyph, thresholds,
-                                        budget(full=200, fast=4), torch.Generator().manual_seed(seed + 1),
-                                        subject=concept == "subject", style=concept == "style")
-        report = {name: rounded(value) if isinstance(value, float) else value for name, value in report.items()}
+    report = _measure(personalisation_report, model, schedule, judge, glyph, seed, subject=concept == "subject",
+                      style=concept == "style") if evaluate else {}
     return Personalised(model, result, report, trainable, peak)
 
 
 def base_report(seed: int = 0, directory: Path | None = None) -> dict[str, Any]:
     """The base model's figures on the same prompts (the subject's prompts need the new word, so they are absent)."""
-    model = pretrained(BASE, directory=directory)
-    judge = pretrained("attribute_judge", directory=directory)
-    schedule = NoiseSchedule.from_spec(model.card["schedule"])
-    glyph = pick_subject()
-    thresholds = real_thresholds(glyph, budget(full=500, fast=20), torch.Generator().manual_seed(seed))
-    report = personalisation_report(draw_with(model, schedule), judge, glyph, thresholds, budget(full=200, fast=4),
-                                    torch.Generator().manual_seed(seed + 1), subject=False)
-    return {name: rounded(value) if isinstance(value, float) else value for name, value in report.items()}
+    model, judge, schedule = _base(directory)
+    return _measure(personalisation_report, model, schedule, judge, pick_subject(), seed, subject=False)
 
 
 def merged(kind: str, adapters: tuple[str | Path, str | Path] = ("lora_subject", "lora_style"),
@@ -154,9 +157,7 @@ def merged(kind: str, adapters: tuple[str | Path, str | Path] = ("lora_subject",
     if kind not in ("sum", "half", "zip"):
         raise ValueError(f"kind must be 'sum', 'half' or 'zip', got {kind!r}")
     generator = seed_everything(seed)
-    model = pretrained(BASE, directory=directory)
-    judge = pretrained("attribute_judge", directory=directory)
-    schedule = NoiseSchedule.from_spec(model.card["schedule"])
+    model, judge, schedule = _base(directory)
     stack_adapters(model, list(adapters), [0.5, 0.5] if kind == "half" else [1.0, 1.0])
     glyph = pick_subject()
     seconds = 0.0
@@ -182,10 +183,7 @@ def merged(kind: str, adapters: tuple[str | Path, str | Path] = ("lora_subject",
     if kind == "zip":
         report["gate_overlap"] = rounded(gate_overlap(model).item())
     if evaluate:
-        thresholds = real_thresholds(glyph, budget(full=500, fast=20), torch.Generator().manual_seed(seed))
-        figures = merge_report(draw_with(model, schedule), judge, glyph, thresholds, budget(full=200, fast=4),
-                               torch.Generator().manual_seed(seed + 1))
-        report |= {name: rounded(value) if isinstance(value, float) else value for name, value in figures.items()}
+        report |= _measure(merge_report, model, schedule, judge, glyph, seed)
     return model, report
 
 
