@@ -19,3 +19,8 @@ def load(path: Path) -> dict:
 
 def nbgrader(cell: dict) -> dict:
     return cell.get("metadata", {}).get("nbgrader", {})
+
+
+def only_displays(source: str) -> bool:
+    """A cell that only shows an interactive widget or an HTML animation: running it outside Jupyter proves nothing."""
+    return "ipywidgets.interact" in source or "HTML(" in source

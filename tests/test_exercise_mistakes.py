@@ -11,14 +11,13 @@ on it (it must pass), and execution goes on.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
 
 import pytest
 
 from minidiff.classroom import ExerciseWrong
-from tests.notebook_tools import ROOT, cell_source, load
+from tests.notebook_tools import ROOT, cell_source, load, nbgrader, only_displays
 
 NOTEBOOKS_DIR = ROOT / "notebooks"
 #: check grade_id -> [(a wrong solution cell, a regex its rejection must match, or None for "rejected at all")]
@@ -321,9 +320,8 @@ def _checks_by_notebook() -> dict[str, list[str]]:
     found: dict[str, list[str]] = defaultdict(list)
     for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
         for cell in load(path)["cells"]:
-            grade = cell.get("metadata", {}).get("nbgrader", {})
-            if grade.get("grade") and cell["cell_type"] == "code":
-                found[path.name].append(grade["grade_id"])
+            if nbgrader(cell).get("grade") and cell["cell_type"] == "code":
+                found[path.name].append(nbgrader(cell)["grade_id"])
     return found
 
 
@@ -335,41 +333,31 @@ def test_every_graded_exercise_has_at_least_two_mistakes_listed() -> None:
 
 
 @pytest.mark.parametrize("notebook", sorted(_checks_by_notebook()), ids=lambda name: name[:2])
-def test_each_check_rejects_its_listed_mistakes(notebook: str) -> None:
+def test_each_check_rejects_its_listed_mistakes(notebook: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    monkeypatch.setenv("MINIDIFF_FAST", "1")
     cells = load(NOTEBOOKS_DIR / notebook)["cells"]
-    last_check = max(index for index, cell in enumerate(cells)
-                     if cell.get("metadata", {}).get("nbgrader", {}).get("grade"))
+    last_check = max(index for index, cell in enumerate(cells) if nbgrader(cell).get("grade"))
     namespace: dict = {}
     accepted: list[str] = []
-    previous = os.environ.get("MINIDIFF_FAST")
-    os.environ["MINIDIFF_FAST"] = "1"
-    try:
-        for index, cell in enumerate(cells[:last_check + 1]):
-            if cell["cell_type"] != "code":
-                continue
-            source = cell_source(cell)
-            if "ipywidgets.interact" in source or "HTML(" in source:
-                continue
-            grade_id = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "")
-            if grade_id in MISTAKES:
-                solution = cell_source(cells[index - 1])
-                for wrong, hint in MISTAKES[grade_id]:
-                    exec(compile(wrong, f"{grade_id} (a mistake)", "exec"), namespace)
-                    try:
-                        exec(compile(source, f"{notebook}[{index}]", "exec"), namespace)
-                    except ExerciseWrong as verdict:
-                        if hint is not None and not re.search(hint, str(verdict)):
-                            accepted.append(f"{grade_id}: rejected, but without the hint /{hint}/: {verdict}")
-                    else:
-                        accepted.append(f"{grade_id} accepted a mistake:\n{wrong}")
-                exec(compile(solution, f"{notebook}[{index - 1}]", "exec"), namespace)
-            exec(compile(source, f"{notebook}[{index}]", "exec"), namespace)
-    finally:
-        if previous is None:
-            os.environ.pop("MINIDIFF_FAST", None)
-        else:
-            os.environ["MINIDIFF_FAST"] = previous
+    for index, cell in enumerate(cells[:last_check + 1]):
+        source = cell_source(cell)
+        if cell["cell_type"] != "code" or only_displays(source):
+            continue
+        grade_id = nbgrader(cell).get("grade_id", "")
+        if grade_id in MISTAKES:
+            solution = cell_source(cells[index - 1])
+            for wrong, hint in MISTAKES[grade_id]:
+                exec(compile(wrong, f"{grade_id} (a mistake)", "exec"), namespace)
+                try:
+                    exec(compile(source, f"{notebook}[{index}]", "exec"), namespace)
+                except ExerciseWrong as verdict:
+                    if hint is not None and not re.search(hint, str(verdict)):
+                        accepted.append(f"{grade_id}: rejected, but without the hint /{hint}/: {verdict}")
+                else:
+                    accepted.append(f"{grade_id} accepted a mistake:\n{wrong}")
+            exec(compile(solution, f"{notebook}[{index - 1}]", "exec"), namespace)
+        exec(compile(source, f"{notebook}[{index}]", "exec"), namespace)
     assert not accepted, "\n\n".join(accepted)
