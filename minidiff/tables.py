@@ -104,21 +104,17 @@ def _lesson05_ddpm_is_euler_maruyama() -> dict[str, float]:
 
 def _lesson12_students() -> dict[str, float]:
     """Lesson 12: the teacher's solvers and the shipped students, classifier-FID ratio on the same 1,000 noises."""
-    from minidiff.distill import consistency_sample, load_student
-    from minidiff.distill_recipes import EVALUATION_SEED, evaluation_noise, judge_figures
+    from minidiff.distill import load_student
+    from minidiff.distill_recipes import consistency_rows, evaluation_noise, judge_figures, solver_rows
     from minidiff.weights import pretrained
 
     judge, teacher = pretrained("judge"), pretrained("mnist_ddpm")
     schedule = NoiseSchedule.from_spec(teacher.card["schedule"])
     x_T = evaluation_noise()
-    figures, consistency = {}, load_student("mnist_consistency")
-    for n in (1, 2, 4, 8):
-        figures[f"DDIM {n}"] = judge_figures(ddim_sample(teacher, schedule, x_T, steps=n), judge)["fid_ratio"]
-        figures[f"DPM-Solver++ {n}"] = judge_figures(dpm_solver_pp_sample(teacher, schedule, x_T, steps=n),
-                                                     judge)["fid_ratio"]
-        noise = torch.Generator(x_T.device).manual_seed(EVALUATION_SEED + 1)
-        figures[f"consistency {n}"] = judge_figures(consistency_sample(consistency, schedule, x_T, steps=n,
-                                                                       generator=noise), judge)["fid_ratio"]
+    rows = solver_rows(teacher, schedule, judge, x_T) | {
+        "consistency": consistency_rows(load_student("mnist_consistency"), schedule, judge, x_T)}
+    figures = {f"{'DPM-Solver++' if name == 'DPM-Solver++(2M)' else name} {n}": row["fid_ratio"]
+               for name, by_calls in rows.items() for n, row in by_calls.items()}
     progressive = load_student("mnist_progressive")
     figures["progressive 4"] = judge_figures(ddim_sample(progressive, schedule, x_T, steps=4), judge)["fid_ratio"]
     return figures
