@@ -97,3 +97,13 @@ def test_the_lessons_exact_tables_reproduce(monkeypatch: pytest.MonkeyPatch) -> 
                                   published=dict(tables.TABLES["lesson09-tilt"].published, **{"DDIM mean 3": 1.339}))
     monkeypatch.setitem(tables.TABLES, "lesson09-tilt", planted)
     assert tables.main(["lesson09-tilt"]) == 1
+
+
+@pytest.mark.parametrize("name", ["lesson08-mnist", "lesson10-text", "lesson11-latent"])
+def test_the_shipped_network_tables_produce_every_published_figure(name: str) -> None:
+    """The --trained tables of lessons 08, 10 and 11 run (fast mode: a handful of samples, so the figures are
+    noise or null) and produce every figure their lesson publishes, under the same names."""
+    from minidiff import tables
+
+    table = tables.TABLES[name]
+    assert table.trained and set(table.compute()) == set(table.published)
