@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidiff import distributed
 from minidiff.data import load_mnist, random_shift
 from minidiff.graphs import graphed
 from minidiff.metrics import judge_accuracy, judge_samples
@@ -70,6 +73,7 @@ def recipe_card(name: str, result: TrainResult, batch_size: int, seed: int, metr
     command += f" --time-limit {time_limit:g}" if time_limit is not None and result.timed_out else ""
     return {"name": name, "recipe": command,
             "seed": seed, "fast_mode": is_fast(), "steps": result.steps, "batch_size": batch_size,
+            "world_size": distributed.world_size(), "global_batch_size": batch_size * distributed.world_size(),
             "train_seconds": round(result.seconds, 1),
             "iterations_per_second": round(result.steps / max(result.seconds, 1e-9), 2),
             "device": _device_name(device()), "torch": torch.__version__,
@@ -96,7 +100,7 @@ def batch_generator(seed: int) -> torch.Generator:
     :func:`~minidiff.runtime.seed_everything` seeds: a step that drew from a generator of its own could not be
     recorded.
     """
-    return torch.Generator(device()).manual_seed(seed)
+    return torch.Generator(device()).manual_seed(distributed.rank_seed(seed))  # under torchrun: a stream per rank
 
 
 def recipe_fit(model: nn.Module, loss_fn: Callable[..., torch.Tensor], next_batch: Callable[[], Any], steps: int,
@@ -252,7 +256,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     start = time.perf_counter()
     options = {} if args.name in ("judge", "attribute_judge", "autoencoder") else {"judge_directory": args.judge_dir}
-    card = all_recipes()[args.name](args.out, seed=args.seed, steps=args.steps, time_limit=args.time_limit, **options)
+    # Under torchrun every rank runs the whole recipe (DDP inside fit keeps their weights equal); only rank 0 writes
+    # into --out, the others into a folder that is thrown away.
+    distributed.init_from_env()
+    out = args.out if distributed.is_main() else Path(tempfile.mkdtemp(prefix=f"minidiff-rank{distributed.rank()}-"))
+    try:
+        card = all_recipes()[args.name](out, seed=args.seed, steps=args.steps, time_limit=args.time_limit, **options)
+    finally:
+        if out != args.out:
+            shutil.rmtree(out, ignore_errors=True)
+        distributed.shutdown()
+    if out != args.out:
+        return card
     print(f"{args.name}: wrote {args.out / (args.name + '.safetensors')} in {time.perf_counter() - start:.0f} s; "
           f"metrics {card['metrics']}")
     return card

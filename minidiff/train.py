@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minidiff import distributed
 from minidiff.contracts import EpsModel
 from minidiff.graphs import WARMUP_STEPS, CapturedTrainStep, CaptureError
 from minidiff.runtime import check_number, randn_like
@@ -203,6 +204,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
             steps with a warning if the step cannot be recorded; ``True``: insist; ``False``: eager. On the
             graph path the loss is read back every 25 steps, so a diverged run stops up to 25 steps late.
 
+    Under ``torchrun`` (a process group set up by :func:`~minidiff.distributed.init_from_env`), each rank trains
+    the model wrapped in DistributedDataParallel on the batches its own ``next_batch`` draws: the gradients, hence
+    the weights and the EMA, are the same on every rank; the recorded losses are the ranks' average; only rank 0
+    shows progress; a time limit or a callback that stops one rank stops all. Steps are eager there (no CUDA graph).
+
     Interrupting (Ctrl-C, or "interrupt the kernel" in Jupyter) stops cleanly: the model keeps the
     weights trained so far and the result says ``interrupted=True``.
     """
@@ -221,8 +227,15 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
     speed = SpeedSettings(torch.device(device) if device is not None else default_device(), bf16, channels_last)
     if cuda_graph and speed.target.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, but training runs on {speed.target}")
-    use_graph = speed.target.type == "cuda" and cuda_graph is not False
+    parallel = distributed.active()
+    if cuda_graph and parallel:
+        raise ValueError("cuda_graph=True cannot be used with several ranks (DDP's gradient averaging is not "
+                         "recorded here): leave cuda_graph=None")
+    use_graph = speed.target.type == "cuda" and cuda_graph is not False and not parallel
     optimizer = speed.prepare(model, lr, weight_decay, capturable=use_graph)
+    net = distributed.wrap(model, speed.target) if parallel else model  # DDP copies rank 0's weights to all
+    if parallel and distributed.rank() > 0:  # every rank its own t and ε (rank 0 keeps the single-process stream)
+        torch.manual_seed(distributed.rank_seed(torch.initial_seed()))
     result = result or TrainResult()
     if result.ema is not None:  # continuing a run: its EMA must average this very network, not another one
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -237,7 +250,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
 
     def forward_loss(batch: Batch) -> torch.Tensor:
         with speed.autocast():
-            return loss_fn(model, batch)  # e.g. L_simple at random t and ε (Algorithm 1, lines 2-5)
+            return loss_fn(net, batch)  # e.g. L_simple at random t and ε (Algorithm 1, lines 2-5)
 
     def update(loss: torch.Tensor) -> None:
         loss.backward()
@@ -264,7 +277,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
             pending.clear()
 
     start = time.perf_counter()
-    bar = tqdm(range(steps), disable=not progress, desc="training", leave=True)
+    bar = tqdm(range(steps), disable=not progress or not distributed.is_main(), desc="training", leave=True)
     side = torch.cuda.Stream(speed.target) if use_graph else None
     try:
         for step in bar:
@@ -292,7 +305,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
                     side.wait_stream(torch.cuda.current_stream(speed.target))
                 with torch.cuda.stream(side) if on_side else nullcontext():
                     loss = forward_loss(batch)
-                    pending.append(loss.detach())
+                    pending.append(distributed.mean(loss.detach()))  # the ranks' average, for the record
                     read_back()
                     update(loss)
                     del loss  # a live loss keeps its autograd graph, whose nodes remember this step's stream
@@ -300,9 +313,10 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
                 bar.set_postfix(loss=f"{sum(result.losses[-25:]) / len(result.losses[-25:]):.4f}")
             if callback is not None and (result.steps + len(pending)) % callback_every == 0:
                 read_back()
-                if callback(result) is True:
+                if distributed.any_rank(callback(result) is True, speed.target):
                     break
-            if time_limit is not None and time.perf_counter() - start >= time_limit:
+            if time_limit is not None and distributed.any_rank(time.perf_counter() - start >= time_limit,
+                                                               speed.target):
                 result.timed_out = True
                 break
     except KeyboardInterrupt:
