@@ -5,6 +5,9 @@ Each recipe trains one model from scratch on the bundled MNIST digits, measures 
 ``MINIDIFF_FAST=1``) every loop shrinks to a smoke test, which CI runs; the weights in
 ``minidiff/pretrained_weights`` were made by the full recipes on a GPU, as their cards record.
 
+On several GPUs of one machine the same command runs under ``torchrun --nproc_per_node=N -m minidiff.recipes
+NAME``: every rank trains (DDP inside :func:`~minidiff.train.fit`, see :mod:`minidiff.distributed`), rank 0 writes.
+
     judge             the digit classifier that scores samples (lesson 07)
     mnist_ddpm        the unconditional U-Net DDPM (lessons 07 and 08)
     mnist_cond        the class-conditional U-Net with a null class, for guidance (lesson 09)
