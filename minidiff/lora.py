@@ -341,11 +341,11 @@ def adapter_card(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[
 def save_adapter(model: nn.Module, path: str | Path, card: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float16) -> dict[str, Any]:
     """Write the adapter of ``model`` (not the base weights) to ``path`` (…/NAME.safetensors) and its card to
-    NAME.json, both atomically; return the card (with the file's size and sha256).
+    NAME.json, as one unit (:func:`minidiff.weights.write_pair`); return the card (with the file's size and sha256).
 
     Tensors are stored as ``dtype`` (half precision by default, as :func:`minidiff.save_weights` does; pass
     ``torch.float32`` to get back bit-identical outputs) and loaded as float32."""
-    from minidiff.weights import _atomic_write, file_sha256  # weights imports the networks; keep this light
+    from minidiff.weights import write_pair  # weights imports the networks; keep this light
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -356,14 +356,8 @@ def save_adapter(model: nn.Module, path: str | Path, card: dict[str, Any] | None
         if not torch.isfinite(tensor).all():
             raise ValueError(f"refusing to save {name}: it holds NaN or inf (did training diverge?)")
     tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda temporary: save_file(tensors, temporary))
-    card |= {"stored_dtype": str(dtype).removeprefix("torch."), "parameters": sum(t.numel() for t in tensors.values()),
-             "file_bytes": path.stat().st_size,
-             "sha256": file_sha256(path)}
-    _atomic_write(path.with_suffix(".json"),
-                  lambda temporary: Path(temporary).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8"))
-    return card
+    card |= {"stored_dtype": str(dtype).removeprefix("torch."), "parameters": sum(t.numel() for t in tensors.values())}
+    return write_pair(path, lambda temporary: save_file(tensors, temporary), card)
 
 
 def _adapter_path(name_or_path: str | Path) -> Path:
@@ -377,7 +371,11 @@ def _adapter_path(name_or_path: str | Path) -> Path:
 
 def load_adapter_card(name_or_path: str | Path) -> dict[str, Any]:
     """The card of a shipped adapter ``name`` (or of a ``.safetensors`` path)."""
-    return json.loads(_adapter_path(name_or_path).with_suffix(".json").read_text(encoding="utf-8"))
+    from minidiff.weights import recover_interrupted_save
+
+    path = _adapter_path(name_or_path)
+    recover_interrupted_save(path)  # a save killed between its two renames is completed first
+    return json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
 
 
 def read_adapter(name_or_path: str | Path, model: nn.Module, check_base: bool = True

@@ -3,8 +3,9 @@
 A weights file holds tensors only (safetensors), so loading it can never run code, unlike a pickled
 ``torch.save`` checkpoint. Next to ``NAME.safetensors`` sits ``NAME.json``, the model's card: the class
 and config that rebuild the network, the recipe command that trained it, steps, time, device, the
-metrics it reached, and the file's sha256, which is checked on every load. Both files are written to a
-temporary name first and then renamed, so an interrupted save never leaves half a file behind.
+metrics it reached, and the file's sha256, which is checked on every load. The two files are saved as one unit
+(:func:`write_pair`): a save killed at any moment leaves either the old pair or the new one, never half a file
+and never new weights beside an old card.
 
 The shipped weights live in ``minidiff/pretrained_weights/``; :func:`pretrained` loads them by name.
 """
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,62 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _pending_card(path: Path) -> Path:
+    """Where a save keeps the new card of ``path`` between its two renames."""
+    return path.parent / f".{path.stem}.json.pending"
+
+
+def recover_interrupted_save(path: str | Path) -> None:
+    """Finish or undo a save of ``path`` (…/NAME.safetensors) that was killed between its two renames.
+
+    :func:`write_pair` renames the new weights into place first and the new card second. If it was killed in
+    between, the pending card's sha256 matches the weights now in place: it is renamed into place (the save is
+    completed). If it was killed before the weights' rename, the pending card matches nothing and is removed (the
+    old pair stands). Loading and saving call this, so a reader never sees new weights beside an old card."""
+    path = Path(path)
+    pending = _pending_card(path)
+    if not pending.exists():
+        return
+    try:
+        card = json.loads(pending.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a pending card is itself written atomically; anything else is debris
+        card = {}
+    if path.exists() and isinstance(card, dict) and card.get("sha256") == file_sha256(path):
+        os.replace(pending, path.with_suffix(".json"))
+    else:
+        pending.unlink(missing_ok=True)
+
+
+def write_pair(path: Path, write_tensors: Callable[[str], None], card: dict[str, Any]) -> dict[str, Any]:
+    """Save a tensors file ``path`` (written by ``write_tensors(temporary_path)``) and its JSON card as one unit.
+
+    Order: tensors to a temporary file; the card, with that file's size and sha256, to a pending file; the tensors
+    renamed into place; the card renamed into place. Each rename is atomic on one file system, and
+    :func:`recover_interrupted_save` completes a save killed between the two, so at every moment the pair on disk is
+    the old one or the new one. Leftovers of earlier killed saves are removed first. Returns the card."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_save(path)
+    for pattern in (f".{path.name}.*.tmp", f".{path.stem}.json.*.tmp", f".{path.stem}.json.pending.*.tmp"):
+        for stale in path.parent.glob(pattern):  # left by a save that was killed (SIGKILL, power cut)
+            stale.unlink(missing_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    pending = _pending_card(path)
+    try:
+        write_tensors(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp makes the file private; weights and cards are for everyone to read
+        card = dict(card) | {"file_bytes": Path(temporary).stat().st_size, "sha256": file_sha256(temporary)}
+        _atomic_write(pending, lambda name: Path(name).write_text(json.dumps(card, indent=2) + "\n",
+                                                                   encoding="utf-8"))
+        os.replace(temporary, path)  # from here on, the new card is the one that belongs to the file
+        os.replace(pending, path.with_suffix(".json"))
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        recover_interrupted_save(path)  # complete the save if the weights made it, else drop the pending card
+        raise
+    return card
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Call ``write(temporary_path)``, then rename the temporary file onto ``path`` (atomic on one file system)."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -73,9 +131,6 @@ def save_weights(model: nn.Module, path: str | Path, card: dict[str, Any] | None
         raise ValueError(f"path must end in .safetensors, got {path}")
     if type(model).__name__ not in MODEL_CLASSES or not hasattr(model, "config"):
         raise ValueError(f"can only save {sorted(MODEL_CLASSES)} models, got {type(model).__name__}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed (SIGKILL, power cut)
-        stale.unlink(missing_ok=True)
     state = model.state_dict()
     for name, value in state.items():
         if value.is_floating_point():
@@ -88,18 +143,11 @@ def save_weights(model: nn.Module, path: str | Path, card: dict[str, Any] | None
                                  "dtype=torch.float32")
     tensors = {name: (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
                for name, value in state.items()}
-    _atomic_write(path, lambda temporary: save_file(tensors, temporary))
     card = dict(card or {}) | {
         "model": {"class": type(model).__name__, "config": dataclasses.asdict(model.config)},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "stored_dtype": str(dtype).removeprefix("torch."),
-        "file_bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-    def write_card(temporary: str) -> None:
-        Path(temporary).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-
-    _atomic_write(path.with_suffix(".json"), write_card)
-    return card
+        "stored_dtype": str(dtype).removeprefix("torch.")}
+    return write_pair(path, lambda temporary: save_file(tensors, temporary), card)
 
 
 def _weights_path(name_or_path: str | Path) -> Path:
@@ -114,7 +162,9 @@ def _weights_path(name_or_path: str | Path) -> Path:
 
 def load_card(name_or_path: str | Path) -> dict[str, Any]:
     """The JSON card of shipped weights ``name`` (or of a ``.safetensors`` path)."""
-    return json.loads(_weights_path(name_or_path).with_suffix(".json").read_text(encoding="utf-8"))
+    path = _weights_path(name_or_path)
+    recover_interrupted_save(path)
+    return json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
 
 
 def build_model(card: dict[str, Any]) -> nn.Module:

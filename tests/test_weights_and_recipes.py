@@ -171,3 +171,42 @@ def test_saving_refuses_values_float16_cannot_hold_and_clears_stale_temporaries(
         next(model.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         save_weights(model, tmp_path / "judge.safetensors", dtype=torch.float32)
+
+
+_KILLED_SAVE = """
+import os, sys
+from pathlib import Path
+import torch
+from minidiff.nets import DigitClassifier
+from minidiff.weights import save_weights
+
+real_replace = os.replace
+
+def replace_then_die(source, target):
+    if Path(target).name == sys.argv[2]:
+        os._exit(9)  # as SIGKILL would: no exception handler, no clean-up
+    real_replace(source, target)
+
+os.replace = replace_then_die
+torch.manual_seed(1)
+save_weights(DigitClassifier(), Path(sys.argv[1]) / "pair.safetensors", {"note": "new"}, dtype=torch.float32)
+"""
+
+
+@pytest.mark.parametrize("killed_before", ["pair.safetensors", "pair.json"])
+def test_a_save_killed_at_either_rename_leaves_a_consistent_pair(tmp_path: Path, killed_before: str) -> None:
+    """Weights and card are one unit: a save killed just before the weights' rename leaves the old pair (and debris
+    that the next save removes); one killed between the two renames is completed by the next load."""
+    torch.manual_seed(0)
+    old_model = DigitClassifier().eval()
+    save_weights(old_model, tmp_path / "pair.safetensors", {"note": "old"}, dtype=torch.float32)
+    run = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), killed_before], capture_output=True)
+    assert run.returncode == 9, run.stderr.decode()[-2000:]
+    torch.manual_seed(1)
+    new_model = DigitClassifier().eval()
+    loaded = pretrained("pair", device="cpu", directory=tmp_path)  # must not fail its sha256 check
+    expected, note = (old_model, "old") if killed_before == "pair.safetensors" else (new_model, "new")
+    x = torch.randn(3, 1, 28, 28)
+    assert loaded.card["note"] == note and torch.equal(loaded(x), expected(x))
+    save_weights(new_model, tmp_path / "pair.safetensors", {"note": "again"}, dtype=torch.float32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair.json", "pair.safetensors"]
