@@ -18,12 +18,13 @@ SETTINGS = Path(__file__).resolve().parent / "jupyter_settings"
 FIRST_NOTEBOOK = "notebooks/01_forward_process.ipynb"
 
 
-def lab_command(extra: list[str] | None = None) -> list[str]:
-    """The ``jupyter lab`` command line that opens the course (see the module doc)."""
-    if not (ROOT / FIRST_NOTEBOOK).exists():
-        raise ValueError(f"the course's notebooks are not next to this package ({ROOT / FIRST_NOTEBOOK} is missing): "
+def lab_command(extra: list[str] | None = None, root: Path = ROOT) -> list[str]:
+    """The ``jupyter lab`` command line that opens the course at ``root`` (the repository; a copy of its notebooks
+    and lessons for the browser test) (see the module doc)."""
+    if not (root / FIRST_NOTEBOOK).exists():
+        raise ValueError(f"the course's notebooks are not at {root} ({root / FIRST_NOTEBOOK} is missing): "
                          "run from a clone of the repository, installed with pip install -e .")
-    return [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={ROOT}",
+    return [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={root}",
             f"--LabApp.app_settings_dir={SETTINGS}", f"--LabApp.default_url=/lab/tree/{FIRST_NOTEBOOK}",
             *(extra or [])]
 
