@@ -65,7 +65,7 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
         ("def my_gaussian_kl(m1, v1, m2, v2):\n    return torch.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / v2 - 1\n",
          "factor 1/2"),
         ("def my_gaussian_kl(m1, v1, m2, v2):\n    return 0.5 * (torch.log(v1 / v2) + (v1 + (m1 - m2) ** 2) / v2 - 1)\n",
-         None)],
+         "upside down")],
     "ex02_lambda_check": [
         ("def my_lambdas(schedule):\n    t = torch.arange(2, schedule.T + 1)\n"
          "    return schedule.betas[t] ** 2 / (schedule.posterior_variances[t] * schedule.alphas[t]"
@@ -155,9 +155,9 @@ MISTAKES: dict[str, list[tuple[str, str | None]]] = {
          "    return module.out(weights @ values).transpose(1, 2).reshape(b, c, h, w)\n", "attention output")],
     "ex06_receptive_check": [
         ("def my_receptive_field(layers):\n    field, jump = 1, 1\n    for kernel, stride in layers:\n"
-         "        field += (kernel - 1) * jump\n    return field\n", None),
+         "        field += (kernel - 1) * jump\n    return field\n", "product of the strides"),
         ("def my_receptive_field(layers):\n    field, jump = 1, 1\n    for kernel, stride in layers:\n"
-         "        jump *= stride\n        field += (kernel - 1) * jump\n    return field\n", None)],
+         "        jump *= stride\n        field += (kernel - 1) * jump\n    return field\n", "own stride")],
     # 07
     "ex07_ema_check": [
         ("def my_ema_update(averaged, current, decay):\n    for average, weight in zip(averaged, current):\n"
