@@ -19,6 +19,7 @@ NAME``: every rank trains (DDP inside :func:`~minidiff.train.fit`, see :mod:`min
     mnist_progressive   mnist_ddpm progressively distilled to 4 steps (lesson 12)
     mnist_consistency   mnist_ddpm consistency-distilled to 1–4 steps (lesson 12)
     mnist_flow          lesson 07's U-Net trained by flow matching on the straight path (lesson 14)
+    mnist_reflow        mnist_flow after one round of reflow (lesson 14; not shipped)
     lora_subject        a LoRA adapter of text_digits: one particular 7 as "sks 7" (lesson 13; also
                         lora_subject_no_prior and lora_style; adapters go to pretrained_weights/adapters)
 """

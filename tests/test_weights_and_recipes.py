@@ -125,7 +125,7 @@ def test_recipe_command_line_in_fast_mode(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["mnist_ddpm", "mnist_cond", "noisy_classifier", "attribute_judge", "text_digits",
                                   "autoencoder", "latent_text_digits", "mnist_progressive",
-                                  "mnist_consistency", "mnist_flow"])
+                                  "mnist_consistency", "mnist_flow", "mnist_reflow"])
 def test_every_recipe_runs_in_fast_mode(tmp_path, name: str) -> None:
     card = recipes.all_recipes()[name](tmp_path, progress=False)
     assert card["fast_mode"] and (tmp_path / f"{name}.safetensors").exists()
