@@ -81,7 +81,11 @@ def write_pair(path: Path, write_tensors: Callable[[str], None], card: dict[str,
     Order: tensors to a temporary file; the card, with that file's size and sha256, to a pending file; the tensors
     renamed into place; the card renamed into place. Each rename is atomic on one file system, and
     :func:`recover_interrupted_save` completes a save killed between the two, so at every moment the pair on disk is
-    the old one or the new one. Leftovers of earlier killed saves are removed first. Returns the card."""
+    the old one or the new one. Leftovers of earlier killed saves are removed first. Returns the card.
+
+    This protects against a save being killed, not against two processes saving or loading the same file at the
+    same moment: a reader that comes in between the two renames completes the save itself, one that comes before
+    the first rename removes the pending card and makes that save fail with an error (not a mismatched pair)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_save(path)
     for pattern in (f".{path.name}.*.tmp", f".{path.stem}.json.*.tmp", f".{path.stem}.json.pending.*.tmp"):
