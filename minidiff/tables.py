@@ -258,7 +258,7 @@ TABLES: dict[str, Table] = {table.name: table for table in (
            "lora_subject subject_rate": 0.822, "lora_subject class_subject_rate": 0.0,
            "lora_subject ordinary_caption_accuracy": 0.997, "lora_subject_no_prior subject_rate": 1.0,
            "lora_subject_no_prior class_subject_rate": 1.0,
-           # the drifted model is fragile: 0.640 and 0.748 on two H100 machines (bf16 kernels round differently)
+           # the drifted model is fragile: 0.640 and 0.748 on two H100 machines (GPU kernels round differently)
            "lora_subject_no_prior ordinary_caption_accuracy": 0.748,
            "lora_style style_rate": 0.584, "lora_style style_caption_accuracy": 0.691,
            "lora_style ordinary_caption_accuracy": 0.984}, 0.05, absolute_tolerance=0.03, trained=True),
