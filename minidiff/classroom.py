@@ -71,9 +71,11 @@ def checking(exercise: str) -> Iterator[None]:
     try:
         yield
     except NotImplementedError as error:
+        # nbgrader's own stub raises a bare NotImplementedError(); ours names the exercise
+        detail = f" [{error}]" if str(error) else ""
         raise ExerciseNotDone(f"{exercise} is not done yet: write your solution in the cell above "
-                              f"(where it says NotImplementedError), run that cell, then run this one again. "
-                              f"[{error}]") from None
+                              f"(where it says NotImplementedError), run that cell, then run this one again."
+                              f"{detail}") from None
     except AssertionError as error:
         if isinstance(error, ExerciseNotDone | ExerciseWrong):
             raise
