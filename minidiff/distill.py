@@ -91,16 +91,19 @@ class Student(nn.Module):
     def _table(self, table: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return table[timesteps].view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
-    def x0(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x̂_0 = c_skip(t) x_t/α_t − c_out(t) ε_net(x_t, t) (lesson 12, eq. 5); exactly x_t at t = 0."""
+    def x0(self, x_t: torch.Tensor, timesteps: torch.Tensor, *condition: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = c_skip(t) x_t/α_t − c_out(t) ε_net(x_t, t) (lesson 12, eq. 5); exactly x_t at t = 0.
+
+        ``condition`` (e.g. caption tokens, lesson 12 §6) is passed on to the network: ``net(x_t, t, *condition)``.
+        """
         timesteps = self._check(x_t, timesteps)
         x_bar = x_t / self._table(self.alpha, timesteps, x_t)
-        out = self.net(x_t, timesteps).to(x_t.dtype)
+        out = self.net(x_t, timesteps, *condition).to(x_t.dtype)
         return self._table(self.c_skip, timesteps, x_t) * x_bar - self._table(self.c_out, timesteps, x_t) * out
 
-    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, *condition: torch.Tensor) -> torch.Tensor:
         """ε̂ = (x_t − α_t x̂_0)/σ_t: the student read as an ε-model (defined for t ≥ 1)."""
-        x0 = self.x0(x_t, timesteps)
+        x0 = self.x0(x_t, timesteps, *condition)
         return (x_t - self._table(self.alpha, timesteps, x_t) * x0) / self._table(self.sigma, timesteps, x_t)
 
 
@@ -217,7 +220,8 @@ def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def consistency_loss(student: Student, target: TargetNetwork, schedule: NoiseSchedule, x0: torch.Tensor,
-                     boundaries: int, teacher_x0: X0Model | None = None, huber_c: float | None = None) -> torch.Tensor:
+                     boundaries: int, teacher_x0: X0Model | None = None, huber_c: float | None = None,
+                     condition: torch.Tensor | None = None) -> torch.Tensor:
     """One batch of consistency distillation (with ``teacher_x0``) or training (without), Song et al. 2023:
 
     d(f_θ(x_{t_{n+1}}, t_{n+1}), f_θ⁻(x̂_{t_n}, t_n)) with t_n on :func:`student_grid` (``boundaries`` steps).
@@ -227,7 +231,12 @@ def consistency_loss(student: Student, target: TargetNetwork, schedule: NoiseSch
       the one-sample estimate of the ODE step, exact as the steps shrink (their Theorem 2).
 
     d is the pseudo-Huber distance with c = 0.00054 √d unless ``huber_c`` is given (Song & Dhariwal 2023).
+    ``condition`` (labels or caption tokens, one row per example) goes to the student and its target network
+    both; a conditional teacher reads it through ``teacher_x0`` (:func:`minidiff.latent_consistency`).
     """
+    if condition is not None and condition.shape[0] != x0.shape[0]:
+        raise ValueError(f"condition must have one row per example ({x0.shape[0]}), got {tuple(condition.shape)}")
+    extra = () if condition is None else (condition,)
     if not isinstance(boundaries, int) or isinstance(boundaries, bool) or not 1 <= boundaries <= schedule.T:
         raise ValueError(f"boundaries must be an int in 1..T = {schedule.T}, got {boundaries!r}")
     target.update(student)
@@ -240,21 +249,26 @@ def consistency_loss(student: Student, target: TargetNetwork, schedule: NoiseSch
             x_next = ddim_x0_step(x_t, teacher_x0(x_t, t).to(x0.dtype), alpha_t, sigma_t, alpha_next, sigma_next)
         else:
             x_next = alpha_next * x0 + sigma_next * noise
-        goal = target.model.x0(x_next, t_next)
+        goal = target.model.x0(x_next, t_next, *extra)
     c = huber_c if huber_c is not None else 0.00054 * x0[0].numel() ** 0.5
-    return pseudo_huber(student.x0(x_t, t) - goal, c).mean()
+    return pseudo_huber(student.x0(x_t, t, *extra) - goal, c).mean()
 
 
 @torch.no_grad()
 def consistency_sample(student: Student, schedule: NoiseSchedule, x_T: torch.Tensor,
                        timesteps: Sequence[int] | None = None, steps: int = 1,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | None = None, condition: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1; lesson 12, eq. 8).
 
     x̂_0 = f(x_T, T); then for each further t: x_t = α_t x̂_0 + σ_t z with fresh noise z, and x̂_0 = f(x_t, t).
-    ``timesteps`` (decreasing, the first = T) default to :func:`student_grid` of ``steps``.
+    ``timesteps`` (decreasing, the first = T) default to :func:`student_grid` of ``steps``; ``condition``
+    (labels or caption tokens, one row per sample) is passed to the student at every call.
     """
     x = _start(x_T)
+    if condition is not None and condition.shape[0] != x.shape[0]:
+        raise ValueError(f"condition must have one row per sample ({x.shape[0]}), got {tuple(condition.shape)}")
+    extra = () if condition is None else (condition,)
     timesteps = list(timesteps) if timesteps is not None else timestep_sequence(schedule.T, steps, "trailing")
     if not timesteps or timesteps[0] != schedule.T or any(a <= b for a, b in itertools.pairwise(timesteps)):
         raise ValueError(f"timesteps must decrease from T = {schedule.T} and stay >= 1, got {timesteps}")
@@ -263,7 +277,7 @@ def consistency_sample(student: Student, schedule: NoiseSchedule, x_T: torch.Ten
         if x0 is not None:
             alpha, sigma = float(schedule.sqrt_alpha_bars[t]), float(schedule.sqrt_one_minus_alpha_bars[t])
             x = alpha * x0 + sigma * randn_like(x0, generator)
-        x0 = student.x0(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        x0 = student.x0(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), *extra)
     return _finite(x0, "consistency sampling")
 
 

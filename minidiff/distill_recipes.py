@@ -2,9 +2,11 @@
 
     mnist_progressive   progressive distillation of mnist_ddpm: 16 → 8 → 4 → 2 → 1 steps (ships the 4-step one)
     mnist_consistency   consistency distillation of mnist_ddpm (32 boundaries, an EMA target network)
+    lcm_lora            a latent consistency model of lesson 11's latent_text_digits, as a rank-4 LoRA adapter
 
-Both start from a copy of the shipped ``mnist_ddpm`` teacher and are judged, like every row of lesson 12's table,
-on the same 1,000 starting noises (:func:`evaluation_noise`) by lesson 07's judge.
+The MNIST students start from a copy of the shipped ``mnist_ddpm`` teacher and are judged, like every row of
+lesson 12's table, on the same 1,000 starting noises (:func:`evaluation_noise`) by lesson 07's judge; the latent
+consistency adapter is judged on prompt-following by lesson 10's attribute judge, beside its teacher's DDIM.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidiff.autoencoder import Autoencoder
+from minidiff.data import CaptionedDigits
 from minidiff.distill import (
     Student,
     TargetNetwork,
@@ -27,13 +31,18 @@ from minidiff.distill import (
     student_card,
     x0_from_eps_model,
 )
+from minidiff.latent_consistency import LCM_SPEC, FewStepTextToImage, latent_consistency_loss
+from minidiff.lora import adapter_card, adapter_size, inject, save_adapter
 from minidiff.metrics import judge_samples
+from minidiff.pipeline import TextToImage
 from minidiff.recipes import MNIST_SCHEDULE, _mnist_on_device, batch_generator, recipe_card, recipe_fit, rounded
 from minidiff.runtime import budget, device, seed_everything, standard_normal
 from minidiff.samplers import ddim_sample, dpm_solver_pp_sample
 from minidiff.schedules import NoiseSchedule
-from minidiff.train import random_rows
-from minidiff.weights import pretrained, save_weights
+from minidiff.text import scene_pool
+from minidiff.text_recipes import CAPTIONED_DATA, evaluate_prompt_following, report_metrics
+from minidiff.train import TrainResult, random_rows
+from minidiff.weights import pretrained, save_weights, schedule_from_card
 
 #: The seed of the starting noises that every row of lesson 12's table shares.
 EVALUATION_SEED = 1234
@@ -145,5 +154,100 @@ def train_mnist_consistency(out: Path, seed: int = 0, progress: bool = True, ste
     return save_weights(distilled.net, out / "mnist_consistency.safetensors", card)
 
 
+# ---------------------------------------------------------------------------------------
+# Lesson 12, section 6: a latent consistency model of lesson 11's text-to-image model
+# ---------------------------------------------------------------------------------------
+
+#: Sampler steps at which the latent consistency table compares the student with its teacher's guided DDIM.
+LCM_STEPS = (1, 2, 4)
+
+
+def latent_consistency_distill(rank: int | None = LCM_SPEC["rank"], steps: int | None = None, seed: int = 0,
+                               batch_size: int | None = None, progress: bool = False,
+                               directory: Path | None = None, time_limit: float | None = None
+                               ) -> tuple[Student, TrainResult, Autoencoder]:
+    """Latent consistency distillation of the shipped ``latent_text_digits`` (lesson 12, eq. 11): the student is a
+    copy of the teacher with a LoRA adapter of ``rank`` on its U-Net (None: every weight trains), distilled from
+    the teacher's DDIM guided at ``LCM_SPEC['scale']`` on 100,000 captioned scenes encoded once.
+
+    Returns the student (its EMA weights), the training run and the autoencoder."""
+    generator = seed_everything(seed)
+    teacher = pretrained("latent_text_digits", directory=directory).requires_grad_(False)
+    autoencoder = pretrained("autoencoder", directory=directory)
+    schedule = schedule_from_card(teacher.card)
+    images, tokens = scene_pool(CaptionedDigits("train"), budget(full=100_000, fast=32), generator, device())
+    with torch.no_grad():  # encode once: the student, like its teacher, never sees a pixel
+        latents = torch.cat([autoencoder.encode(images[i:i + 5000], generator, sample=True)
+                             for i in range(0, len(images), 5000)])
+    del images
+    net = copy.deepcopy(teacher)
+    if rank is None:
+        net.requires_grad_(True)
+    else:
+        inject(net, rank, targets="unet")
+    # σ_data of the parameterisation is the data's own spread: the latents were scaled to unit variance (lesson 11)
+    student = Student(net, schedule, round(latents.float().std().item(), 3))
+    target = TargetNetwork(student, LCM_SPEC["target_decay"])
+
+    def loss(model: Student, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return latent_consistency_loss(model, target, teacher, schedule, batch[0], batch[1])
+
+    batch_size = batch_size or budget(full=256, fast=4)
+    result = recipe_fit(student, loss, random_rows((latents, tokens), batch_size, batch_generator(seed)),
+                        steps or budget(full=8000, fast=2), 1e-3 if rank is not None else 2e-4, 200,
+                        ema_decay=0.999, progress=progress, time_limit=time_limit)
+    return result.ema_model().eval(), result, autoencoder
+
+
+def latent_consistency_rows(student: Student, autoencoder: Autoencoder, seed: int = 0,
+                            directory: Path | None = None, steps: tuple[int, ...] = LCM_STEPS
+                            ) -> dict[str, dict[int, dict[str, Any]]]:
+    """Lesson 12's latent table: prompt-following (attribute judge, 500 fresh captions per kind) of the student
+    with 1, 2, 4 calls and of its teacher's DDIM guided at the same scale with as many steps (each step two
+    network evaluations, batched as one), on the same captions and starting latents."""
+    judge = pretrained("attribute_judge", directory=directory)
+    teacher = pretrained("latent_text_digits", directory=directory)
+    pipelines = {"LCM": (FewStepTextToImage(student, autoencoder), {}),
+                 "DDIM": (TextToImage(teacher, autoencoder, schedule_from_card(teacher.card)),
+                          {"scale": LCM_SPEC["scale"]})}
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for name, (pipeline, options) in pipelines.items():
+        rows[name] = {}
+        for n in steps:
+            def draw(captions: list[str], generator: torch.Generator, n: int = n, pipeline: Any = pipeline,
+                     options: dict[str, Any] = options) -> torch.Tensor:
+                first = int(torch.randint(0, 2**31, (), generator=generator))
+                return torch.cat([pipeline(captions[i:i + 250], first + i, steps=n, **options)
+                                  for i in range(0, len(captions), 250)])
+
+            figures = report_metrics(evaluate_prompt_following(draw, judge, budget(full=500, fast=4),
+                                                               torch.Generator().manual_seed(seed)))
+            rows[name][n] = {key: figures[key] for key in ("one_object_caption_accuracy",
+                                                           "unseen_pairs_caption_accuracy",
+                                                           "two_objects_caption_accuracy")}
+            print(f"{name}, {n} step(s):", rows[name][n])
+    return rows
+
+
+def train_lcm_lora(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
+                   judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
+    """LCM-LoRA (Luo et al. 2023b) of lesson 11's model: :func:`latent_consistency_distill` at rank 4, judged by
+    :func:`latent_consistency_rows`; writes the adapter ``lcm_lora`` (a few hundred kilobytes) and its card."""
+    start = time.perf_counter()
+    student, result, autoencoder = latent_consistency_distill(steps=steps, seed=seed, progress=progress,
+                                                              directory=judge_directory, time_limit=time_limit)
+    rows = latent_consistency_rows(student, autoencoder, seed, judge_directory)
+    metrics = {f"{name}_{n}": figures for name, by_steps in rows.items() for n, figures in by_steps.items()}
+    card = recipe_card("lcm_lora", result, budget(full=256, fast=4), seed, metrics,
+                       {"data": CAPTIONED_DATA, "weights": "EMA",
+                        "student": {"kind": "latent_consistency", "teacher": "latent_text_digits",
+                                    "sigma_data": student.sigma_data, **LCM_SPEC},
+                        "seconds_in_all": round(time.perf_counter() - start, 1)}, time_limit)
+    adapter_card(student.net)  # fails early (before writing) if the student cannot be saved as an adapter
+    print(f"lcm_lora: {adapter_size(student.net)} adapter numbers")
+    return save_adapter(student.net, out / "lcm_lora.safetensors", card)
+
+
 DISTILL_RECIPES: dict[str, Callable[..., dict[str, Any]]] = {
-    "mnist_progressive": train_mnist_progressive, "mnist_consistency": train_mnist_consistency}
+    "mnist_progressive": train_mnist_progressive, "mnist_consistency": train_mnist_consistency,
+    "lcm_lora": train_lcm_lora}
