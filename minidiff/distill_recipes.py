@@ -166,7 +166,7 @@ def latent_consistency_distill(rank: int | None = LCM_SPEC["rank"], steps: int |
                                batch_size: int | None = None, progress: bool = False,
                                directory: Path | None = None, time_limit: float | None = None
                                ) -> tuple[Student, TrainResult, Autoencoder]:
-    """Latent consistency distillation of the shipped ``latent_text_digits`` (lesson 12, eq. 11): the student is a
+    """Latent consistency distillation of the shipped ``latent_text_digits`` (lesson 12, eq. 10): the student is a
     copy of the teacher with a LoRA adapter of ``rank`` on its U-Net (None: every weight trains), distilled from
     the teacher's DDIM guided at ``LCM_SPEC['scale']`` on 100,000 captioned scenes encoded once.
 

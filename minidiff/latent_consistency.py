@@ -36,7 +36,7 @@ LCM_SPEC: dict[str, Any] = {"scale": 3.0, "boundaries": 32, "target_decay": 0.95
 
 def guided_teacher_x0(teacher: nn.Module, tokens: torch.Tensor, scale: float, schedule: NoiseSchedule) -> X0Model:
     """x̂_0 of the guided teacher for these captions: x̂_0 = (x_t − σ_t ε̂)/α_t with
-    ε̂ = ε(x_t, t, ∅) + s (ε(x_t, t, c) − ε(x_t, t, ∅)) (lesson 09, eq. 6; lesson 12, eq. 10).
+    ε̂ = ε(x_t, t, ∅) + s (ε(x_t, t, c) − ε(x_t, t, ∅)) (lesson 09, eq. 4; lesson 12, eq. 9).
 
     A DDIM step is affine in ε̂, so one step with the guided ε̂ equals Luo et al.'s
     x̂ = x + (1 + ω) Φ(x, c) − ω Φ(x, ∅) (their eq. 9, Φ the step's increment) with s = 1 + ω; a test checks it.
@@ -48,7 +48,7 @@ def guided_teacher_x0(teacher: nn.Module, tokens: torch.Tensor, scale: float, sc
 def latent_consistency_loss(student: Student, target: TargetNetwork, teacher: nn.Module, schedule: NoiseSchedule,
                             latents: torch.Tensor, tokens: torch.Tensor, scale: float = LCM_SPEC["scale"],
                             boundaries: int = LCM_SPEC["boundaries"], huber_c: float | None = None) -> torch.Tensor:
-    """One batch of latent consistency distillation (Luo et al. 2023, Algorithm 1; lesson 12, eq. 11):
+    """One batch of latent consistency distillation (Luo et al. 2023, Algorithm 1; lesson 12, eq. 10):
 
     d(f_θ(z_{t_{n+1}}, t_{n+1}, c), f_θ⁻(ẑ_{t_n}, t_n, c)), with ẑ_{t_n} one DDIM step of the teacher guided at
     ``scale`` for caption c, on :func:`~minidiff.distill.student_grid` of ``boundaries`` steps.
