@@ -116,14 +116,21 @@ def autoencoder_loss(autoencoder: Autoencoder, x: torch.Tensor, kl_weight: float
 
 
 @torch.no_grad()
+def encode_pool(autoencoder: Autoencoder, images: torch.Tensor, generator: torch.Generator | None = None,
+                batch_size: int = 5000) -> torch.Tensor:
+    """Sampled, scaled latents of a whole pool of ``images``, encoded once in batches of ``batch_size`` on the
+    autoencoder's device (lesson 11: a latent model's training never sees a pixel)."""
+    where = autoencoder.latent_scale.device
+    return torch.cat([autoencoder.encode(images[i:i + batch_size].to(where), generator, sample=True)
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
 def fit_latent_scale(autoencoder: Autoencoder, images: torch.Tensor, generator: torch.Generator | None = None,
                      batch_size: int = 1000) -> float:
     """Set ``latent_scale`` = 1 / std of sampled latents of ``images`` (Rombach et al. 2022, §G) and return it."""
     autoencoder.latent_scale.fill_(1.0)
-    where = autoencoder.latent_scale.device
-    latents = torch.cat([autoencoder.encode(images[i:i + batch_size].to(where), generator, sample=True).flatten()
-                         for i in range(0, len(images), batch_size)])
-    scale = 1.0 / latents.float().std().item()
+    scale = 1.0 / encode_pool(autoencoder, images, generator, batch_size).float().std().item()
     autoencoder.latent_scale.fill_(scale)
     return scale
 

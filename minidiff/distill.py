@@ -219,6 +219,16 @@ def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
     return (squared + c * c).sqrt() - c
 
 
+def _condition_args(condition: torch.Tensor | None, rows: int, per: str) -> tuple[torch.Tensor, ...]:
+    """The extra arguments ``(condition,)`` for the student's calls, or ``()`` without one; a condition must have
+    one row per ``per`` (of which there are ``rows``)."""
+    if condition is None:
+        return ()
+    if condition.shape[0] != rows:
+        raise ValueError(f"condition must have one row per {per} ({rows}), got {tuple(condition.shape)}")
+    return (condition,)
+
+
 def consistency_loss(student: Student, target: TargetNetwork, schedule: NoiseSchedule, x0: torch.Tensor,
                      boundaries: int, teacher_x0: X0Model | None = None, huber_c: float | None = None,
                      condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,9 +244,7 @@ def consistency_loss(student: Student, target: TargetNetwork, schedule: NoiseSch
     ``condition`` (labels or caption tokens, one row per example) goes to the student and its target network
     both; a conditional teacher reads it through ``teacher_x0`` (:func:`minidiff.latent_consistency`).
     """
-    if condition is not None and condition.shape[0] != x0.shape[0]:
-        raise ValueError(f"condition must have one row per example ({x0.shape[0]}), got {tuple(condition.shape)}")
-    extra = () if condition is None else (condition,)
+    extra = _condition_args(condition, x0.shape[0], "example")
     if not isinstance(boundaries, int) or isinstance(boundaries, bool) or not 1 <= boundaries <= schedule.T:
         raise ValueError(f"boundaries must be an int in 1..T = {schedule.T}, got {boundaries!r}")
     target.update(student)
@@ -266,9 +274,7 @@ def consistency_sample(student: Student, schedule: NoiseSchedule, x_T: torch.Ten
     (labels or caption tokens, one row per sample) is passed to the student at every call.
     """
     x = _start(x_T)
-    if condition is not None and condition.shape[0] != x.shape[0]:
-        raise ValueError(f"condition must have one row per sample ({x.shape[0]}), got {tuple(condition.shape)}")
-    extra = () if condition is None else (condition,)
+    extra = _condition_args(condition, x.shape[0], "sample")
     timesteps = list(timesteps) if timesteps is not None else timestep_sequence(schedule.T, steps, "trailing")
     if not timesteps or timesteps[0] != schedule.T or any(a <= b for a, b in itertools.pairwise(timesteps)):
         raise ValueError(f"timesteps must decrease from T = {schedule.T} and stay >= 1, got {timesteps}")

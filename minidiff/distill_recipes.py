@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minidiff.autoencoder import Autoencoder
+from minidiff.autoencoder import Autoencoder, encode_pool
 from minidiff.data import CaptionedDigits
 from minidiff.distill import (
     Student,
@@ -40,7 +40,7 @@ from minidiff.runtime import budget, device, seed_everything, standard_normal
 from minidiff.samplers import ddim_sample, dpm_solver_pp_sample
 from minidiff.schedules import NoiseSchedule
 from minidiff.text import scene_pool
-from minidiff.text_recipes import CAPTIONED_DATA, evaluate_prompt_following, report_metrics
+from minidiff.text_recipes import CAPTIONED_DATA, batched_draw, evaluate_prompt_following, report_metrics
 from minidiff.train import TrainResult, random_rows
 from minidiff.weights import pretrained, save_weights, schedule_from_card
 
@@ -176,9 +176,7 @@ def latent_consistency_distill(rank: int | None = LCM_SPEC["rank"], steps: int |
     autoencoder = pretrained("autoencoder", directory=directory)
     schedule = schedule_from_card(teacher.card)
     images, tokens = scene_pool(CaptionedDigits("train"), budget(full=100_000, fast=32), generator, device())
-    with torch.no_grad():  # encode once: the student, like its teacher, never sees a pixel
-        latents = torch.cat([autoencoder.encode(images[i:i + 5000], generator, sample=True)
-                             for i in range(0, len(images), 5000)])
+    latents = encode_pool(autoencoder, images, generator)  # the student, like its teacher, never sees a pixel
     del images
     net = copy.deepcopy(teacher)
     if rank is None:
@@ -214,13 +212,8 @@ def latent_consistency_rows(student: Student, autoencoder: Autoencoder, seed: in
     for name, (pipeline, options) in pipelines.items():
         rows[name] = {}
         for n in steps:
-            def draw(captions: list[str], generator: torch.Generator, n: int = n, pipeline: Any = pipeline,
-                     options: dict[str, Any] = options) -> torch.Tensor:
-                first = int(torch.randint(0, 2**31, (), generator=generator))
-                return torch.cat([pipeline(captions[i:i + 250], first + i, steps=n, **options)
-                                  for i in range(0, len(captions), 250)])
-
-            figures = report_metrics(evaluate_prompt_following(draw, judge, budget(full=500, fast=4),
+            figures = report_metrics(evaluate_prompt_following(batched_draw(pipeline, steps=n, **options), judge,
+                                                               budget(full=500, fast=4),
                                                                torch.Generator().manual_seed(seed)))
             rows[name][n] = {key: figures[key] for key in ("one_object_caption_accuracy",
                                                            "unseen_pairs_caption_accuracy",

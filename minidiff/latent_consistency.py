@@ -26,6 +26,7 @@ from torch import nn
 from minidiff.autoencoder import Autoencoder
 from minidiff.distill import Student, TargetNetwork, X0Model, consistency_loss, consistency_sample, x0_from_eps_model
 from minidiff.guidance import classifier_free_guidance
+from minidiff.pipeline import check_seed_and_steps
 from minidiff.runtime import check_number, standard_normal
 from minidiff.schedules import NoiseSchedule
 from minidiff.text import tokenize
@@ -82,10 +83,7 @@ class FewStepTextToImage:
     @torch.no_grad()
     def __call__(self, captions: str | Sequence[str], seed: int = 0, steps: int = 2) -> torch.Tensor:
         """Images [N, 3, 32, 32] in [−1, 1] for ``captions`` in ``steps`` network calls; a seed fixes them."""
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= self.student.schedule.T:
-            raise ValueError(f"steps must be an int in 1..{self.student.schedule.T}, got {steps!r}")
+        check_seed_and_steps(seed, steps, self.student.schedule.T)
         where = next(self.student.parameters()).device
         tokens = tokenize(captions, vocabulary=self.student.net.vocabulary).to(where)
         generator = torch.Generator().manual_seed(seed)

@@ -21,6 +21,15 @@ from minidiff.text import TextConditionedUNet, tokenize
 from minidiff.weights import pretrained, schedule_from_card
 
 
+def check_seed_and_steps(seed: int, steps: int, T: int) -> None:
+    """Refuse, naming the argument, a ``seed`` that is not an int >= 0 or ``steps`` not an int in 1..``T``
+    (a text-to-image pipeline's two integer arguments; bools are refused although Python counts them as ints)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an int in 1..{T}, got {steps!r}")
+
+
 class TextToImage:
     """caption → tokens → text encoder → latent DDIM with classifier-free guidance → decoder → image.
 
@@ -48,10 +57,7 @@ class TextToImage:
     def __call__(self, captions: str | Sequence[str], seed: int = 0, steps: int = 20,
                  scale: float = 3.0) -> torch.Tensor:
         """Images [N, 3, 32, 32] in [−1, 1] for ``captions``; the same seed gives the same images."""
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= self.schedule.T:
-            raise ValueError(f"steps must be an int in 1..{self.schedule.T}, got {steps!r}")
+        check_seed_and_steps(seed, steps, self.schedule.T)
         if not (isinstance(scale, int | float) and scale >= 0 and scale == scale and scale != float("inf")):
             raise ValueError(f"scale must be a finite number >= 0 (0: ignore the caption), got {scale!r}")
         where = next(self.denoiser.parameters()).device

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from minidiff.attributes import AttributeJudge, CaptionReport, attribute_loss, caption_report, scene_targets
-from minidiff.autoencoder import Autoencoder, autoencoder_loss, fit_latent_scale, reconstruction_error
+from minidiff.autoencoder import Autoencoder, autoencoder_loss, encode_pool, fit_latent_scale, reconstruction_error
 from minidiff.data import HELDOUT_PAIRS, CaptionedDigits
 from minidiff.nets import UNetConfig
 from minidiff.pipeline import TextToImage
@@ -77,6 +77,18 @@ def evaluate_prompt_following(draw: Callable[[list[str], torch.Generator], torch
         reports[name] = caption_report(judge, draw([scene.caption() for scene in scenes], generator), scenes)
         print(f"{name}:", reports[name])
     return reports
+
+
+def batched_draw(pipeline: Callable[..., torch.Tensor], batch_size: int = 250, **options: Any
+                 ) -> Callable[[list[str], torch.Generator], torch.Tensor]:
+    """A ``draw(captions, generator)`` for :func:`evaluate_prompt_following` from a text-to-image ``pipeline``
+    (``pipeline(captions, seed, **options)``): one seed drawn from the generator, then ``batch_size`` captions
+    at a time with seeds seed, seed + batch_size, …, so that memory stays bounded and the images are reproducible."""
+    def draw(captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        first = int(torch.randint(0, 2**31, (), generator=generator))
+        return torch.cat([pipeline(captions[i:i + batch_size], first + i, **options)
+                          for i in range(0, len(captions), batch_size)])
+    return draw
 
 
 def report_metrics(reports: dict[str, CaptionReport]) -> dict[str, Any]:
@@ -179,9 +191,7 @@ def train_latent_text_digits(out: Path, seed: int = 0, progress: bool = True, st
     steps = steps or budget(full=5000, fast=10)
     batch_size = budget(full=512, fast=8)
     images, tokens = scene_pool(CaptionedDigits("train"), budget(full=200_000, fast=64), generator, device())
-    with torch.no_grad():  # encode once: the denoiser never sees a pixel
-        latents = torch.cat([autoencoder.encode(images[i:i + 5000], generator, sample=True)
-                             for i in range(0, len(images), 5000)])
+    latents = encode_pool(autoencoder, images, generator)  # encode once: the denoiser never sees a pixel
     del images
     result = _fit_text_denoiser(TextConditionedUNet(TextUNetConfig(unet=LATENT_UNET)), latents, tokens, schedule,
                                 steps, batch_size, batch_generator(seed), progress, time_limit)
@@ -198,12 +208,7 @@ def latent_model_metrics(model: TextConditionedUNet, autoencoder: nn.Module, jud
     """The figures a latent text model's card records, at :data:`LATENT_EVAL` (DDIM on latents, then the
     autoencoder's decoder), for 500 fresh captions per kind (4 in fast mode)."""
     pipeline = TextToImage(model, autoencoder, NoiseSchedule.from_spec(LATENT_SCHEDULE))
-
-    def draw(captions: list[str], draw_generator: torch.Generator) -> torch.Tensor:
-        seed_for_batch = int(torch.randint(0, 2**31, (), generator=draw_generator))
-        return torch.cat([pipeline(captions[i:i + 250], seed_for_batch + i, LATENT_EVAL["steps"], LATENT_EVAL["scale"])
-                          for i in range(0, len(captions), 250)])
-
+    draw = batched_draw(pipeline, steps=LATENT_EVAL["steps"], scale=LATENT_EVAL["scale"])
     metrics = report_metrics(evaluate_prompt_following(draw, judge, budget(full=500, fast=4), generator))
     return metrics | {"label_dropout": 0.1, "sampler": "DDIM eta=0, trailing, then the autoencoder's decoder",
                       **LATENT_EVAL}
