@@ -99,11 +99,33 @@ def test_the_lessons_exact_tables_reproduce(monkeypatch: pytest.MonkeyPatch) -> 
     assert tables.main(["lesson09-tilt"]) == 1
 
 
-@pytest.mark.parametrize("name", ["lesson08-mnist", "lesson10-text", "lesson11-latent"])
-def test_the_shipped_network_tables_produce_every_published_figure(name: str) -> None:
-    """The --trained tables of lessons 08, 10 and 11 run (fast mode: a handful of samples, so the figures are
-    noise or null) and produce every figure their lesson publishes, under the same names."""
+@pytest.mark.parametrize("name", ["lesson03-toys", "lesson04-ncsn", "lesson07-training", "lesson09-guidance-sweep",
+                                  "lesson08-mnist", "lesson10-text", "lesson11-latent"])
+def test_the_trained_network_tables_produce_every_published_figure(name: str) -> None:
+    """The --trained tables of lessons 03, 04, 07-11 run (fast mode: a few training steps and a handful of samples,
+    so the figures are noise or null) and produce every figure their lesson publishes, under the same names."""
     from minidiff import tables
 
     table = tables.TABLES[name]
     assert table.trained and set(table.compute()) == set(table.published)
+
+
+def test_a_notebook_table_rerun_prints_what_the_notebook_prints() -> None:
+    """``python -m minidiff.tables lesson04-ncsn`` repeats notebook 04's cells with their seeds: run both (fast mode,
+    CPU) and the notebook's printed energy ratio and log-densities must be the rerun's, digit for digit."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    from minidiff import tables
+
+    notebook = nbformat.read(ROOT / "notebooks" / "04_score_matching.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    printed = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    ratio = re.search(r"energy: samples vs data .* ratio ([\d.]+)", printed)
+    log_densities = re.search(r"log-likelihood under the data: samples ([-\d.]+), data ([-\d.]+)", printed)
+    assert ratio and log_densities, printed[-2000:]
+    rerun = tables.TABLES["lesson04-ncsn"].compute()
+    assert f"{rerun['energy ratio']:.2f}" == ratio.group(1)
+    assert f"{rerun['samples log-density']:.3f}" == log_densities.group(1)
+    assert f"{rerun['data log-density']:.3f}" == log_densities.group(2)
