@@ -34,6 +34,7 @@ from minidiff import notebook_tables as notebook
 from minidiff import shipped_tables as shipped
 from minidiff.guidance import classifier_guidance
 from minidiff.oracles import GaussianData, mixture_eps_model, mixture_guidance_oracles, mixture_noisy_classifier
+from minidiff.runtime import standard_normal
 from minidiff.samplers import ddim_sample, ddpm_sample, ddpm_step, dpm_solver_pp_sample, pf_ode_sample
 from minidiff.schedules import NoiseSchedule
 from minidiff.toys import GaussianMixture, eight_gaussians_mixture
@@ -90,6 +91,41 @@ def _lesson09_tilt() -> dict[str, float]:
     return figures
 
 
+def _lesson02_elbo() -> dict[str, float]:
+    """Lesson 02, 'Checked on Gaussian data': the bound by its terms (6) and along trajectories (5) against the exact
+    −log p_θ(x_0) of one data point, cosine schedule, 4,000 repeats (notebook 02's cell, seed 0)."""
+    from minidiff.elbo import elbo_terms, trajectory_bound
+
+    generator, repeats, figures = torch.Generator().manual_seed(0), 4000, {}
+    for T in (10, 100, 1000):
+        schedule = NoiseSchedule.cosine(T)
+        data = GaussianData(schedule, mean=0.5, var=0.3**2)
+        x0 = data.sample(1, generator=generator).expand(repeats, 1).clone()
+        terms = elbo_terms(schedule, data.optimal_eps, x0, generator, decoder="gaussian")
+        trajectories = trajectory_bound(schedule, data.optimal_eps, x0, generator, decoder="gaussian")
+        exact = -data.model_log_prob(x0[:1]).item()
+        figures |= {f"terms T={T}": terms["total"].mean().item(), f"trajectories T={T}": trajectories.mean().item(),
+                    f"exact T={T}": exact, f"gap T={T}": trajectories.mean().item() - exact}
+    return figures
+
+
+def _lesson03_schedules() -> dict[str, float]:
+    """Lesson 03, section 4: average log-density of 4,000 exact-score DDPM samples of the eight Gaussians, linear
+    (scaled) and cosine schedules at T = 10 … 1000 (notebook 03's cell, seed 0)."""
+    from minidiff.metrics import mixture_log_likelihood
+    from minidiff.schedules import linear_betas
+
+    mixture, generator, figures = eight_gaussians_mixture(), torch.Generator().manual_seed(0), {}
+    figures["data"] = mixture_log_likelihood(mixture.sample(50_000, generator), mixture)
+    for T in (10, 25, 100, 1000):
+        for name, schedule in (("linear", NoiseSchedule(linear_betas(T, 0.1 / T, min(20 / T, 0.999)))),
+                               ("cosine", NoiseSchedule.cosine(T))):
+            samples = ddpm_sample(mixture_eps_model(mixture, schedule), schedule,
+                                  standard_normal((4000, 2), generator), generator=generator)
+            figures[f"{name} T={T}"] = mixture_log_likelihood(samples, mixture)
+    return figures
+
+
 def _lesson05_ddpm_is_euler_maruyama() -> dict[str, float]:
     """Lesson 05: the gap between a DDPM step and an Euler–Maruyama step of the reverse SDE, as β halves."""
     mixture = eight_gaussians_mixture()
@@ -118,6 +154,14 @@ TABLES: dict[str, Table] = {table.name: table for table in (
     Table("lesson09-tilt", "lessons/09_guidance.md, section 4 (c)", _lesson09_tilt,
           {"DDPM mean 1": 1.003, "DDIM mean 1": 0.999, "DDPM mean 3": 1.339, "DDIM mean 3": 1.630,
            "DDPM mean 6": 1.495, "DDIM mean 6": 2.118}, 0.01),
+    Table("lesson02-elbo", "lessons/02_reverse_process_and_elbo.md, 'Checked on Gaussian data'", _lesson02_elbo,
+          {"terms T=10": 0.887, "trajectories T=10": 0.874, "exact T=10": 0.721, "gap T=10": 0.153,
+           "terms T=100": -0.205, "trajectories T=100": -0.204, "exact T=100": -0.225, "gap T=100": 0.021,
+           "terms T=1000": -0.288, "trajectories T=1000": -0.277, "exact T=1000": -0.281, "gap T=1000": 0.004},
+          0.01, absolute_tolerance=0.001),
+    Table("lesson03-schedules", "lessons/03_ddpm_2d.md, section 4", _lesson03_schedules,
+          {"data": -1.123, "linear T=10": -3.301, "cosine T=10": -1.403, "linear T=25": -2.206, "cosine T=25": -1.331,
+           "linear T=100": -1.265, "cosine T=100": -1.188, "linear T=1000": -1.110, "cosine T=1000": -1.131}, 0.01),
     Table("lesson05-ddpm-euler-maruyama", "lessons/05_sde_and_ode.md, 'DDPM's sampler is this SDE, discretised'",
           _lesson05_ddpm_is_euler_maruyama, {"ratio gap beta=0.01/gap beta=0.005": 4.00,
                                              "ratio gap beta=0.02/gap beta=0.01": 4.00}, 0.01),
