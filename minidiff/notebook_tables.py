@@ -114,8 +114,8 @@ def lesson07_training() -> dict[str, float]:
         figures |= {f"{name} FID ratio": report.fid_ratio, f"{name} confidence": report.samples.mean_confidence}
     fast_model, judge_count = graphed(ema_net, bf16=True), budget(full=1000 if on_gpu else 300, fast=2)
     draw, drawn = torch.Generator().manual_seed(2), []
-    while sum(len(batch) for batch in drawn) < judge_count:
-        x_T = standard_normal((min(500, judge_count - sum(len(b) for b in drawn)), 1, 28, 28), draw, target)
+    for first in range(0, judge_count, 500):  # batches of 500, as the notebook draws them
+        x_T = standard_normal((min(500, judge_count - first), 1, 28, 28), draw, target)
         drawn.append(ddpm_sample(fast_model, schedule, x_T, generator=draw).cpu())
     report = judge_samples(judge, torch.cat(drawn))
     return figures | {"FID ratio": report.fid_ratio, "confidence": report.samples.mean_confidence,
