@@ -100,7 +100,7 @@ def test_the_lessons_exact_tables_reproduce(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize("name", ["lesson03-toys", "lesson04-ncsn", "lesson07-training", "lesson09-guidance-sweep",
-                                  "lesson08-mnist", "lesson10-text", "lesson11-latent"])
+                                  "lesson09-thresholding", "lesson08-mnist", "lesson10-text", "lesson11-latent"])
 def test_the_trained_network_tables_produce_every_published_figure(name: str) -> None:
     """The --trained tables of lessons 03, 04, 07-11 run (fast mode: a few training steps and a handful of samples,
     so the figures are noise or null) and produce every figure their lesson publishes, under the same names."""
