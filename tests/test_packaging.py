@@ -99,6 +99,35 @@ def test_the_lessons_exact_tables_reproduce(monkeypatch: pytest.MonkeyPatch) -> 
     assert tables.main(["lesson09-tilt"]) == 1
 
 
+def printed_numbers(text: str) -> list[tuple[float, float]]:
+    """Every number printed in a lesson, as (value, half a unit of its last printed digit): '1.66' gives
+    (1.66, 0.005), '8.4%' (0.084, 0.0005), '3.9e-4' (3.9e-4, 5e-6)."""
+    numbers = []
+    for match in re.finditer(r"(?<![\w.])(-?)(\d+)(?:\.(\d+))?(?:e(-?\d+))?(%?)", text.replace("\u2212", "-")):
+        sign, whole, decimals, exponent, percent = match.groups()
+        scale = 10.0 ** int(exponent or 0) / (100 if percent else 1)
+        value = float(f"{sign}{whole}.{decimals or 0}") * scale
+        numbers.append((value, 0.5 * 10.0 ** -len(decimals or "") * scale))
+    return numbers
+
+
+def test_every_published_table_figure_is_printed_in_its_lesson() -> None:
+    """What minidiff.tables checks a rerun against is what the lessons print: each published figure appears in its
+    lesson, rounded as printed (half a unit of the last digit, plus the rounding of the published figure itself).
+    A lesson edited without its table (or the reverse) fails here."""
+    from minidiff import tables
+
+    for table in tables.TABLES.values():
+        lesson_files = re.findall(r"\d\d_\w+\.md", table.lesson)
+        assert lesson_files, table.lesson
+        numbers = [n for name in lesson_files for n in printed_numbers((ROOT / "lessons" / name).read_text())]
+        for key, figure in table.published.items():
+            # a printed number matches if the figure rounds to it; it must carry two significant digits or more
+            matches = [value for value, half_unit in numbers
+                       if abs(figure - value) <= 1.2 * half_unit + 1e-12 and half_unit <= 0.05 * abs(figure) + 5e-4]
+            assert matches, f"{table.name}: {key} = {figure:g} is printed nowhere in {', '.join(lesson_files)}"
+
+
 @pytest.mark.parametrize("name", ["lesson03-toys", "lesson04-ncsn", "lesson07-training", "lesson09-guidance-sweep",
                                   "lesson09-thresholding", "lesson08-mnist", "lesson10-text", "lesson11-latent"])
 def test_the_trained_network_tables_produce_every_published_figure(name: str) -> None:
