@@ -166,7 +166,7 @@ TABLES: dict[str, Table] = {table.name: table for table in (
           _lesson05_ddpm_is_euler_maruyama, {"ratio gap beta=0.01/gap beta=0.005": 4.00,
                                              "ratio gap beta=0.02/gap beta=0.01": 4.00}, 0.01),
     # Lessons 03, 04, 07 and 09's figures below: these very functions on an H100 in full mode (2026-12-07, PyTorch
-    # 2.11). Training on a GPU is not bit-reproducible (cuDNN's backward kernels accumulate in no fixed order), so a
+    # 2.11). Training on a GPU need not be bit-reproducible (cuDNN's backward kernels may accumulate in any order), so a
     # rerun of 03, 04 and 07 is another training run from the same seeds; until a second run measures that spread,
     # the tolerances are the run-to-run noise each lesson quotes (classifier-FID ratios of one draw ±0.2, two-sample
     # ratios ±0.5). Lesson 09 trains nothing: its classifier rows move by up to 0.04 between runs (autograd).
