@@ -26,6 +26,7 @@ TOY_SEEDS = {"swiss_roll": 0, "two_moons": 1, "eight_gaussians": 2, "checkerboar
 def lesson03_toys() -> dict[str, float]:
     """Lesson 03, section 3: one DDPM per toy (``MLPDenoiser(128, 3)``, 10,000 steps of batch 512, linear schedule
     T = 1000), 5,000 ancestral samples each, scored by the energy and sliced-Wasserstein ratios to fresh data."""
+    from minidiff.graphs import graphed
     from minidiff.nets import MLPDenoiser
     from minidiff.toys import sample_toy
     from minidiff.train import ddpm_loss, fit, random_rows
@@ -40,7 +41,7 @@ def lesson03_toys() -> dict[str, float]:
                      random_rows(data, 512), train_steps, lr=2e-3, warmup_steps=min(200, train_steps // 10),
                      cosine_decay=True, device=target, progress=False)
         draw = torch.Generator().manual_seed(100 + seed)
-        samples = ddpm_sample(result.ema.model, schedule, standard_normal((num_samples, 2), draw, target),
+        samples = ddpm_sample(graphed(result.ema.model), schedule, standard_normal((num_samples, 2), draw, target),
                               generator=draw).cpu()
 
         def data_sampler(n: int, g: torch.Generator, name: str = name) -> torch.Tensor:
