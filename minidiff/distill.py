@@ -107,6 +107,22 @@ class Student(nn.Module):
         return (x_t - self._table(self.alpha, timesteps, x_t) * x0) / self._table(self.sigma, timesteps, x_t)
 
 
+def without_dropout(net: nn.Module) -> nn.Module:
+    """Sets every ``nn.Dropout`` of ``net`` to p = 0 (in place) and returns ``net`` (lesson 12, §2).
+
+    A distillation target is a deterministic function of x_t: the teacher's two DDIM steps. A student trained
+    with dropout regresses its *average over dropout masks* onto that target, yet samples with dropout off, a
+    network it was never fitted as; and the target has no label noise for dropout to guard against. So the
+    student's copy of the teacher distils with dropout off (the teacher was trained with it, against noisy ε).
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return net
+
+
 def x0_from_eps_model(eps_model: EpsModel, schedule: NoiseSchedule) -> X0Model:
     """The x̂_0-model of an ε-model: x̂_0 = (x_t − σ_t ε̂)/α_t (lesson 02), and x̂_0 = x_t at t = 0.
 
