@@ -29,6 +29,7 @@ from minidiff.distill import (
     consistency_sample,
     progressive_distillation_loss,
     student_card,
+    without_dropout,
     x0_from_eps_model,
 )
 from minidiff.latent_consistency import LCM_SPEC, FewStepTextToImage, latent_consistency_loss
@@ -84,11 +85,15 @@ def _teacher(name: str = "mnist_ddpm") -> tuple[nn.Module, NoiseSchedule]:
 
 
 def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
-                            judge_directory: Path | None = None, time_limit: float | None = None) -> dict[str, Any]:
+                            judge_directory: Path | None = None, time_limit: float | None = None,
+                            final_steps: int = 1) -> dict[str, Any]:
     """Progressive distillation (Salimans & Ho 2022): rounds of ``steps`` updates, each student taking half the
-    steps of its teacher, from DDIM-32 of mnist_ddpm down to one step. Writes the 4-step student (the shipped
-    one) as ``mnist_progressive`` and every round's student as ``mnist_progressive_N``; the card records the
-    judge's figures of every round. ``time_limit`` bounds each round."""
+    steps of its teacher, from DDIM-32 of mnist_ddpm down to ``final_steps`` (1 or a power of two ≤ 4), the
+    student's dropout off. Writes the 4-step student (the shipped one) as ``mnist_progressive`` and every round's
+    student as ``mnist_progressive_N``; the card records the judge's figures of every round. ``time_limit``
+    bounds each round."""
+    if final_steps not in (1, 2, 4):
+        raise ValueError(f"final_steps must be 1, 2 or 4 (the shipped student takes 4), got {final_steps!r}")
     judge = pretrained("judge", directory=judge_directory)
     seed_everything(seed)
     teacher, schedule = _teacher()
@@ -97,10 +102,11 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
     steps = steps or budget(full=2800, fast=2)
     batch_size = budget(full=256, fast=4)
     student_steps, shipped_steps = budget(full=16, fast=2), budget(full=4, fast=1)
-    student, teacher_x0 = Student(copy.deepcopy(teacher).requires_grad_(True), schedule), x0_from_eps_model(teacher,
-                                                                                                            schedule)
+    # dropout off: the target is deterministic, and the student samples as the network it was fitted as (§2)
+    student = Student(without_dropout(copy.deepcopy(teacher)).requires_grad_(True), schedule)
+    teacher_x0 = x0_from_eps_model(teacher, schedule)
     rounds, shipped, seconds = [], None, 0.0
-    while student_steps >= 1:
+    while student_steps >= budget(full=final_steps, fast=1):
         def loss(net: Student, x0: torch.Tensor, teacher_x0: Callable = teacher_x0, n: int = student_steps
                  ) -> torch.Tensor:
             return progressive_distillation_loss(net, teacher_x0, schedule, x0, n)
@@ -115,7 +121,8 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
                        "cumulative_train_seconds": round(seconds, 1)} | figures)
         card = recipe_card("mnist_progressive", result, batch_size, seed, figures | {"samples": len(x_T)},
                            student_card("progressive", student_steps, "mnist_ddpm",
-                                        {"schedule": MNIST_SCHEDULE, "weights": "EMA", "rounds": list(rounds)}),
+                                        {"schedule": MNIST_SCHEDULE, "weights": "EMA", "student_dropout": 0.0,
+                                            "rounds": list(rounds)}),
                            time_limit)
         save_weights(distilled.net, out / f"mnist_progressive_{student_steps}.safetensors", card)
         if student_steps == shipped_steps:
