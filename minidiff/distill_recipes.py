@@ -88,7 +88,7 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
                             judge_directory: Path | None = None, time_limit: float | None = None,
                             final_steps: int = 1) -> dict[str, Any]:
     """Progressive distillation (Salimans & Ho 2022): rounds of ``steps`` updates, each student taking half the
-    steps of its teacher, from DDIM-32 of mnist_ddpm down to ``final_steps`` (1 or a power of two ≤ 4), the
+    steps of its teacher, from DDIM-32 of mnist_ddpm down to ``final_steps`` (1, 2 or 4), the
     student's dropout off. Writes the 4-step student (the shipped one) as ``mnist_progressive`` and every round's
     student as ``mnist_progressive_N``; the card records the judge's figures of every round. ``time_limit``
     bounds each round."""
@@ -122,7 +122,7 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
         card = recipe_card("mnist_progressive", result, batch_size, seed, figures | {"samples": len(x_T)},
                            student_card("progressive", student_steps, "mnist_ddpm",
                                         {"schedule": MNIST_SCHEDULE, "weights": "EMA", "student_dropout": 0.0,
-                                            "rounds": list(rounds)}),
+                                         "rounds": list(rounds)}),
                            time_limit)
         save_weights(distilled.net, out / f"mnist_progressive_{student_steps}.safetensors", card)
         if student_steps == shipped_steps:
