@@ -91,7 +91,7 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
     steps of its teacher, from DDIM-32 of mnist_ddpm down to ``final_steps`` (1, 2 or 4), the
     student's dropout off. Writes the 4-step student (the shipped one) as ``mnist_progressive`` and every round's
     student as ``mnist_progressive_N``; the card records the judge's figures of every round. ``time_limit``
-    bounds each round."""
+    bounds each round. Fast mode always runs its two smoke-test rounds, 2 → 1 step, whatever ``final_steps``."""
     if final_steps not in (1, 2, 4):
         raise ValueError(f"final_steps must be 1, 2 or 4 (the shipped student takes 4), got {final_steps!r}")
     judge = pretrained("judge", directory=judge_directory)

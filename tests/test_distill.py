@@ -267,7 +267,7 @@ def test_a_student_without_dropout_is_the_network_it_samples_as():
 # ---------------------------------------------------------------------------------------
 
 
-def test_bad_inputs_are_refused_with_the_argument_named():
+def test_bad_inputs_are_refused_with_the_argument_named(tmp_path):
     student = Student(MLPDenoiser(), SCHEDULE)
     x = torch.randn(4, 2)
     with pytest.raises(ValueError, match=r"must be in 0\.\.1000"):
@@ -292,3 +292,7 @@ def test_bad_inputs_are_refused_with_the_argument_named():
         student_grid(1000, 0)
     with pytest.raises(ValueError, match="not a distilled student"):
         load_student("mnist_ddpm")
+    from minidiff.distill_recipes import train_mnist_progressive
+
+    with pytest.raises(ValueError, match="final_steps must be 1, 2 or 4"):
+        train_mnist_progressive(tmp_path, final_steps=3)  # refused before anything loads
