@@ -27,6 +27,7 @@ from minidiff.distill import (
     TargetNetwork,
     consistency_loss,
     consistency_sample,
+    load_student,
     progressive_distillation_loss,
     student_card,
     without_dropout,
@@ -79,6 +80,22 @@ def consistency_rows(student: Student, schedule: NoiseSchedule, judge: nn.Module
         x_T.device).manual_seed(EVALUATION_SEED + 1)), judge) for n in calls}
 
 
+def _progressive_student(name_or_path: str | Path, final_steps: int) -> tuple[Student, str]:
+    """The student a progressive chain continues from (see :func:`train_mnist_progressive`), and its name."""
+    path = Path(name_or_path)
+    directory, name = (path.parent, path.stem) if path.suffix == ".safetensors" else (None, str(name_or_path))
+    if directory is not None and not path.is_file():
+        raise FileNotFoundError(f"continue_from: no file {path}")
+    student = load_student(name, directory=directory)
+    if student.card["student"].get("kind") != "progressive" or "rounds" not in student.card:
+        raise ValueError(f"continue_from must be a progressive student of this recipe, but {name!r}'s card has "
+                         f"student kind {student.card['student'].get('kind')!r}")
+    if student.card["student"]["steps"] // 2 < budget(full=final_steps, fast=1):
+        raise ValueError(f"continue_from: {name!r} takes {student.card['student']['steps']} steps, so no round is "
+                         f"left before final_steps={final_steps}")
+    return student, name
+
+
 def _teacher(name: str = "mnist_ddpm") -> tuple[nn.Module, NoiseSchedule]:
     teacher = pretrained(name).requires_grad_(False)
     return teacher, NoiseSchedule.from_spec(teacher.card["schedule"])
@@ -86,12 +103,18 @@ def _teacher(name: str = "mnist_ddpm") -> tuple[nn.Module, NoiseSchedule]:
 
 def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, steps: int | None = None,
                             judge_directory: Path | None = None, time_limit: float | None = None,
-                            final_steps: int = 1) -> dict[str, Any]:
+                            final_steps: int = 1, continue_from: str | Path | None = None) -> dict[str, Any]:
     """Progressive distillation (Salimans & Ho 2022): rounds of ``steps`` updates, each student taking half the
     steps of its teacher, from DDIM-32 of mnist_ddpm down to ``final_steps`` (1, 2 or 4), the
     student's dropout off. Writes the 4-step student (the shipped one) as ``mnist_progressive`` and every round's
     student as ``mnist_progressive_N``; the card records the judge's figures of every round. ``time_limit``
-    bounds each round. Fast mode always runs its two smoke-test rounds, 2 → 1 step, whatever ``final_steps``."""
+    bounds each round. Fast mode always runs its two smoke-test rounds, 2 → 1 step, whatever ``final_steps``.
+
+    ``continue_from`` picks a chain up where a student of this recipe stopped: a shipped name
+    (``"mnist_progressive"``) or a path to a ``mnist_progressive*.safetensors`` with its card. Its rounds are kept,
+    the next round halves its steps, and if it is the 4-step student, ``mnist_progressive`` is written again as that
+    student (the same tensors) with the new rounds on its card. The continued rounds draw their own noise, so they
+    match an unbroken chain's in distribution, not bit for bit, and the new rounds' entries say so."""
     if final_steps not in (1, 2, 4):
         raise ValueError(f"final_steps must be 1, 2 or 4 (the shipped student takes 4), got {final_steps!r}")
     judge = pretrained("judge", directory=judge_directory)
@@ -102,10 +125,22 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
     steps = steps or budget(full=2800, fast=2)
     batch_size = budget(full=256, fast=4)
     student_steps, shipped_steps = budget(full=16, fast=2), budget(full=4, fast=1)
-    # dropout off: the target is deterministic, and the student samples as the network it was fitted as (§2)
-    student = Student(without_dropout(copy.deepcopy(teacher)).requires_grad_(True), schedule)
-    teacher_x0 = x0_from_eps_model(teacher, schedule)
-    rounds, shipped, seconds = [], None, 0.0
+    rounds, shipped, seconds, continued = [], None, 0.0, {}
+    if continue_from is None:
+        # dropout off: the target is deterministic, and the student samples as the network it was fitted as (§2)
+        student = Student(without_dropout(copy.deepcopy(teacher)).requires_grad_(True), schedule)
+        teacher_x0 = x0_from_eps_model(teacher, schedule)
+    else:
+        start, name = _progressive_student(continue_from, final_steps)
+        rounds, seconds = list(start.card["rounds"]), start.card["rounds"][-1]["cumulative_train_seconds"]
+        continued = {"continued_from": name}
+        if start.card["student"]["steps"] == shipped_steps:  # written again below, its card gaining the new rounds
+            added_by_saving = ("model", "parameters", "stored_dtype", "file_bytes", "sha256")
+            shipped = (copy.deepcopy(start), {key: value for key, value in start.card.items()
+                                              if key not in added_by_saving})
+        teacher_x0 = copy.deepcopy(start).requires_grad_(False).x0
+        student = without_dropout(start).train().requires_grad_(True)
+        student_steps = start.card["student"]["steps"] // 2
     while student_steps >= budget(full=final_steps, fast=1):
         def loss(net: Student, x0: torch.Tensor, teacher_x0: Callable = teacher_x0, n: int = student_steps
                  ) -> torch.Tensor:
@@ -118,7 +153,7 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
         figures = judge_figures(ddim_sample(distilled, schedule, x_T, steps=student_steps), judge)
         print(f"progressive distillation, {student_steps} steps: {figures} after {seconds:.0f} s in all")
         rounds.append({"steps": student_steps, "train_steps": result.steps,
-                       "cumulative_train_seconds": round(seconds, 1)} | figures)
+                       "cumulative_train_seconds": round(seconds, 1)} | figures | continued)
         card = recipe_card("mnist_progressive", result, batch_size, seed, figures | {"samples": len(x_T)},
                            student_card("progressive", student_steps, "mnist_ddpm",
                                         {"schedule": MNIST_SCHEDULE, "weights": "EMA", "student_dropout": 0.0,
@@ -129,6 +164,8 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
             shipped = (copy.deepcopy(distilled), card)  # a copy: the next round trains `distilled` on
         teacher_x0 = copy.deepcopy(distilled).requires_grad_(False).x0  # this round's student teaches the next
         student, student_steps = distilled.train().requires_grad_(True), student_steps // 2
+    if shipped is None:  # continued from a student past the shipped one: only mnist_progressive_N were written
+        return card
     distilled, card = shipped
     card["rounds"] = rounds  # the shipped card records every round, the later ones included
     return save_weights(distilled.net, out / "mnist_progressive.safetensors", card)

@@ -296,3 +296,24 @@ def test_bad_inputs_are_refused_with_the_argument_named(tmp_path):
 
     with pytest.raises(ValueError, match="final_steps must be 1, 2 or 4"):
         train_mnist_progressive(tmp_path, final_steps=3)  # refused before anything loads
+    with pytest.raises(ValueError, match="continue_from must be a progressive student"):
+        train_mnist_progressive(tmp_path, continue_from="mnist_consistency", progress=False)
+    with pytest.raises(FileNotFoundError, match="continue_from: no file"):
+        train_mnist_progressive(tmp_path, continue_from=tmp_path / "nothing.safetensors", progress=False)
+
+
+def test_a_progressive_chain_continues_from_the_shipped_student(tmp_path) -> None:
+    """Fast mode: two more rounds (2 → 1 step) after the shipped 4-step student, whose rounds the new card keeps."""
+    from minidiff.distill_recipes import train_mnist_progressive
+
+    shipped = load_student("mnist_progressive", device="cpu").card
+    card = train_mnist_progressive(tmp_path, progress=False, continue_from="mnist_progressive")
+    assert [entry["steps"] for entry in card["rounds"]] == [entry["steps"] for entry in shipped["rounds"]] + [2, 1]
+    assert card["rounds"][:len(shipped["rounds"])] == shipped["rounds"]
+    assert all(entry["continued_from"] == "mnist_progressive" for entry in card["rounds"][len(shipped["rounds"]):])
+    assert card["rounds"][-1]["cumulative_train_seconds"] >= shipped["rounds"][-1]["cumulative_train_seconds"]
+    assert (tmp_path / "mnist_progressive_2.safetensors").exists()
+    two_step = train_mnist_progressive(tmp_path, progress=False,
+                                       continue_from=tmp_path / "mnist_progressive_2.safetensors")
+    assert [entry["steps"] for entry in two_step["rounds"]] == [entry["steps"] for entry in card["rounds"]]
+    assert two_step["rounds"][-1]["continued_from"] == "mnist_progressive_2"  # a path: that file's chain goes on
