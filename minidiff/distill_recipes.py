@@ -111,10 +111,11 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
     bounds each round. Fast mode always runs its two smoke-test rounds, 2 → 1 step, whatever ``final_steps``.
 
     ``continue_from`` picks a chain up where a student of this recipe stopped: a shipped name
-    (``"mnist_progressive"``) or a path to a ``mnist_progressive*.safetensors`` with its card. Its rounds are kept,
-    the next round halves its steps, and if it is the 4-step student, ``mnist_progressive`` is written again as that
-    student (the same tensors) with the new rounds on its card. The continued rounds draw their own noise, so they
-    match an unbroken chain's in distribution, not bit for bit, and the new rounds' entries say so."""
+    (``"mnist_progressive"``) or a path to a ``mnist_progressive*.safetensors`` with its card. Its card's rounds up
+    to itself are kept (later ones, continued from it before, are replaced), the next round halves its steps, and if
+    it is the 4-step student, ``mnist_progressive`` is written again as that student (the same tensors) with the new
+    rounds on its card. The continued rounds draw their own noise, so they match an unbroken chain's in
+    distribution, not bit for bit, and the new rounds' entries say so."""
     if final_steps not in (1, 2, 4):
         raise ValueError(f"final_steps must be 1, 2 or 4 (the shipped student takes 4), got {final_steps!r}")
     judge = pretrained("judge", directory=judge_directory)
@@ -132,7 +133,9 @@ def train_mnist_progressive(out: Path, seed: int = 0, progress: bool = True, ste
         teacher_x0 = x0_from_eps_model(teacher, schedule)
     else:
         start, name = _progressive_student(continue_from, final_steps)
-        rounds, seconds = list(start.card["rounds"]), start.card["rounds"][-1]["cumulative_train_seconds"]
+        # its own chain up to itself: rounds continued from it before are replaced by the ones this run trains
+        rounds = [entry for entry in start.card["rounds"] if entry["steps"] >= start.card["student"]["steps"]]
+        seconds = rounds[-1]["cumulative_train_seconds"]
         continued = {"continued_from": name}
         if start.card["student"]["steps"] == shipped_steps:  # written again below, its card gaining the new rounds
             added_by_saving = ("model", "parameters", "stored_dtype", "file_bytes", "sha256")
