@@ -173,13 +173,33 @@ def run_notebook_in_browser(driver, url: str, root: Path, name: str,
 
 def move_the_strength_slider(driver) -> None:
     """Notebook 13's LoRA-strength slider: its first figure is there, and one step of the slider redraws it."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    handles = [handle for handle in driver.find_elements(By.CSS_SELECTOR, ".widget-interact .noUi-handle")
-               if "strength" in handle.find_element(By.XPATH, "ancestor::div[contains(@class, 'widget-slider')]")
-               .get_attribute("textContent")]
-    assert len(handles) == 1, "the strength slider did not render"
+    def strength_handles() -> list:
+        # the widget view is built from comm messages after the kernel goes idle, and a cell far below the view may
+        # be drawn only once scrolled to: bring the slider's cell into view, then look (CI once looked too early)
+        driver.execute_script("""
+            for (const cell of document.querySelectorAll('.jp-Notebook .jp-CodeCell')) {
+                if (cell.textContent.includes('interact(show_strength')) { cell.scrollIntoView({block: 'center'}); }
+            }""")
+        try:
+            return [handle for handle in driver.find_elements(By.CSS_SELECTOR, ".widget-interact .noUi-handle")
+                    if "strength" in handle.find_element(By.XPATH, "ancestor::div[contains(@class, 'widget-slider')]")
+                    .get_attribute("textContent")]
+        except StaleElementReferenceException:  # redrawn while we looked: look again
+            return []
+
+    try:
+        handles = _wait(strength_handles, 60, "the strength slider to render")
+    except AssertionError as timeout:
+        outputs = driver.execute_script("""
+            return [...document.querySelectorAll('.jp-Notebook .jp-CodeCell')]
+                .filter(cell => cell.textContent.includes('interact(show_strength'))
+                .map(cell => (cell.querySelector('.jp-OutputArea') || cell).textContent.slice(0, 300));""")
+        raise AssertionError(f"the strength slider did not render; its cell's output reads {outputs}") from timeout
+    assert len(handles) == 1, f"{len(handles)} strength sliders rendered, one expected"
     handle = handles[0]
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", handle)
     output = handle.find_element(By.XPATH, "ancestor::div[contains(@class, 'widget-interact')]").find_element(

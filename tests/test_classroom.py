@@ -113,6 +113,9 @@ def test_released_check_cells_fail_kindly_on_the_stub(released: Path, path: Path
     (That the same check cells pass on the instructor's solutions is what nbval proves on notebooks/.)
     """
     notebook = nbformat.read(released / path.name, as_version=4)
+    # the cells after the last check cell cannot change what the checks print: they are left out (CI time)
+    last_check = max(k for k, cell in enumerate(notebook.cells) if nbgrader(cell).get("grade"))
+    notebook.cells = notebook.cells[:last_check + 1]
     NotebookClient(notebook, timeout=600, kernel_name="python3", allow_errors=True,
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     check_cells = [c for c in notebook.cells if nbgrader(c).get("grade")]

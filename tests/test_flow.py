@@ -271,7 +271,7 @@ def test_at_the_cosine_schedules_end_v_prediction_stays_sane_where_eps_predictio
     mixture, schedule = eight_gaussians_mixture(), NoiseSchedule.cosine(1000)
     generator = torch.Generator().manual_seed(0)
     scores = {}
-    for target, steps in (("eps", 1000), ("v", 3000)):
+    for target, steps in (("eps", 400), ("v", 3000)):  # ε fails by far after 400 steps already (CI time)
         torch.manual_seed(0)
         result = fit(MLPDenoiser(hidden=128, num_blocks=3),
                      lambda net, x, target=target: ddpm_loss(net, schedule, x, target=target),
@@ -284,4 +284,4 @@ def test_at_the_cosine_schedules_end_v_prediction_stays_sane_where_eps_predictio
         scores[target] = mixture_log_likelihood(samples, mixture)
     data = mixture_log_likelihood(mixture.sample(20_000, generator), mixture)
     assert scores["v"] > data - 2.0, (scores, data)  # measured: -2.35 against the data's -1.12
-    assert scores["eps"] < data - 100, (scores, data)  # measured: about -5,500
+    assert scores["eps"] < data - 100, (scores, data)  # measured: about -48,000 (-5,500 after 1,000 steps)
