@@ -23,53 +23,14 @@ from tqdm.auto import tqdm
 
 from minidiff import distributed
 from minidiff.contracts import EpsModel
+from minidiff.ema import EMA
 from minidiff.graphs import WARMUP_STEPS, CapturedTrainStep, CaptureError
+from minidiff.mixed_precision import Bfloat16Weights
 from minidiff.runtime import check_number, randn_like
 from minidiff.runtime import device as default_device
 from minidiff.schedules import NoiseSchedule
 
 Batch = Any
-
-
-class EMA:
-    """An exponential moving average of a model's weights: θ_ema ← d θ_ema + (1 − d) θ (Polyak averaging).
-
-    ``ema.model`` is a full copy of the network that holds the averaged weights; sample with it.
-    Early on the decay is warmed up as min(d, (1 + n)/(10 + n)) so that the average is not stuck
-    on the random initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.updates = decay, 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self._weight: torch.Tensor | None = None
-
-    def advance(self) -> None:
-        """Count one update and set this update's blend weight 1 − decay (a device tensor a CUDA graph can read)."""
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        where = next(self.model.parameters()).device
-        if self._weight is None or self._weight.device != where:
-            self._weight = torch.zeros((), device=where)
-        self._weight.fill_(1.0 - decay)
-
-    @torch.no_grad()
-    def blend(self, model: nn.Module) -> None:
-        """θ_ema ← θ_ema + (1 − d)(θ − θ_ema) with the weight set by :meth:`advance`; buffers are copied."""
-        averaged = list(self.model.parameters())
-        # fused calls over all tensors instead of a loop: on a GPU each loop step would be a kernel launch
-        step = torch._foreach_sub([p.detach() for p in model.parameters()], averaged)
-        torch._foreach_mul_(step, self._weight)
-        torch._foreach_add_(averaged, step)
-        for averaged_buffer, current in zip(self.model.buffers(), model.buffers(), strict=True):
-            averaged_buffer.copy_(current)
-
-    def update(self, model: nn.Module) -> None:
-        """Blend the current weights of ``model`` into the average (:meth:`advance` then :meth:`blend`)."""
-        self.advance()
-        self.blend(model)
 
 
 @dataclass
@@ -185,7 +146,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         progress: bool = True, warmup_steps: int = 0, cosine_decay: bool = False,
         result: TrainResult | None = None, channels_last: bool = False,
         time_limit: float | None = None, callback: Callable[[TrainResult], None] | None = None,
-        callback_every: int = 100, cuda_graph: bool | None = None) -> TrainResult:
+        callback_every: int = 100, cuda_graph: bool | None = None, bf16_weights: bool = False) -> TrainResult:
     """Train ``model`` for ``steps`` AdamW steps on ``loss_fn(model, next_batch())`` (Algorithm 1's loop).
 
     Args:
@@ -203,6 +164,11 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
             it (:mod:`minidiff.graphs`). ``None`` (the default): on when training on CUDA, falling back to eager
             steps with a warning if the step cannot be recorded; ``True``: insist; ``False``: eager. On the
             graph path the loss is read back every 25 steps, so a diverged run stops up to 25 steps late.
+        bf16_weights: run the forward and backward passes on a bfloat16 copy of the weights and let AdamW and the
+            EMA update float32 master weights (:mod:`minidiff.mixed_precision`); ``model`` keeps the master
+            weights. It replaces ``bf16``'s autocast, which casts the weights again in every pass. Works on any
+            device (on a CPU it is slow: it is there for the tests); off by default until the benchmark has
+            measured it on a GPU.
 
     Under ``torchrun`` (a process group set up by :func:`~minidiff.distributed.init_from_env`), each rank trains
     the model wrapped in DistributedDataParallel on the batches its own ``next_batch`` draws: the gradients, hence
@@ -224,6 +190,8 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         raise ValueError(f"callback_every must be an int >= 1, got {callback_every!r}")
     if cuda_graph not in (None, True, False):
         raise ValueError(f"cuda_graph must be None (automatic), True or False, got {cuda_graph!r}")
+    if not isinstance(bf16_weights, bool):
+        raise ValueError(f"bf16_weights must be True or False, got {bf16_weights!r}")
     speed = SpeedSettings(torch.device(device) if device is not None else default_device(), bf16, channels_last)
     if cuda_graph and speed.target.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA device, but training runs on {speed.target}")
@@ -231,8 +199,12 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
     if cuda_graph and parallel:
         raise ValueError("cuda_graph=True cannot be used with several ranks (DDP's gradient averaging is not "
                          "recorded here): leave cuda_graph=None")
+    if bf16_weights and parallel:
+        raise ValueError("bf16_weights=True cannot be used with several ranks (DDP would average the bfloat16 "
+                         "copy's gradients, not the master weights'): leave it off under torchrun")
     use_graph = speed.target.type == "cuda" and cuda_graph is not False and not parallel
     optimizer = speed.prepare(model, lr, weight_decay, capturable=use_graph)
+    precision = Bfloat16Weights(model) if bf16_weights else None  # made on the device, after prepare
     net = distributed.wrap(model, speed.target) if parallel else model  # DDP copies rank 0's weights to all
     if parallel and distributed.rank() > 0:  # every rank its own t and ε (rank 0 keeps the single-process stream)
         torch.manual_seed(distributed.rank_seed(torch.initial_seed()))
@@ -249,16 +221,28 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
     ema = result.ema
 
     def forward_loss(batch: Batch) -> torch.Tensor:
+        if precision is not None:  # the bfloat16 copy casts its own inputs: no autocast
+            return loss_fn(precision.working, batch)
         with speed.autocast():
             return loss_fn(net, batch)  # e.g. L_simple at random t and ε (Algorithm 1, lines 2-5)
 
     def update(loss: torch.Tensor) -> None:
         loss.backward()
+        if precision is not None:
+            precision.gradients_to_master()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
         optimizer.step()  # the gradient step of line 5
+        if precision is not None:
+            precision.weights_from_master()
         if ema is not None:
             ema.blend(model)
+
+    def zero_grad(set_to_none: bool) -> None:
+        if precision is not None:
+            precision.zero_grad(set_to_none)
+        else:
+            optimizer.zero_grad(set_to_none=set_to_none)
 
     def train_step(batch: Batch) -> torch.Tensor:
         """One whole step on the device, as the CUDA graph records it."""
@@ -266,7 +250,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
         update(loss)
         return loss.detach()
 
-    captured = CapturedTrainStep(train_step, lambda: optimizer.zero_grad(set_to_none=True)) if use_graph else None
+    captured = CapturedTrainStep(train_step, lambda: zero_grad(True)) if use_graph else None
     pending: list[torch.Tensor] = []  # graph path: losses not yet read back from the GPU
 
     def read_back() -> None:
@@ -299,7 +283,7 @@ def fit(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor], n
                 if len(pending) >= 25:
                     read_back()
             else:  # an eager step: the loss is checked before it can change the weights
-                optimizer.zero_grad(set_to_none=captured is None or captured.graph is None)
+                zero_grad(captured is None or captured.graph is None)
                 on_side = side is not None and captured is not None  # warm-ups before a capture: a side stream
                 if on_side:
                     side.wait_stream(torch.cuda.current_stream(speed.target))
