@@ -7,7 +7,8 @@ and graph recording. On CUDA it measures lesson 07's U-Net (batch 256, bf16):
   with a bfloat16 working copy of the weights (:mod:`minidiff.mixed_precision`);
 * the training time until the EMA model's 1,000 DDIM-50 samples reach a classifier-FID ratio ≤ 1.5 (lesson 07's
   judge; the time counts training and its warm-up, not the checkpoint evaluations themselves);
-* the time to sample 1,000 digits with DDPM (1,000 steps) and DDIM (50 steps), eager and graphed;
+* the time to sample 1,000 digits with DDPM (1,000 steps) and DDIM (50 steps), eager and graphed (float32,
+  bfloat16 autocast, and a bfloat16 copy of the weights);
 * the same figures for diffusers' ``UNet2DModel`` of the same shape with its ``DDPMScheduler``, ``EMAModel`` and
   AdamW, as its ``train_unconditional`` example does (``pip install minidiff[bench]``; skipped without it).
 
@@ -31,6 +32,7 @@ from torch import nn
 from minidiff.data import load_mnist
 from minidiff.graphs import graphed
 from minidiff.metrics import judge_samples
+from minidiff.mixed_precision import bfloat16_copy
 from minidiff.nets import UNet, UNetConfig
 from minidiff.recipes import CPU_UNET, MNIST_UNET
 from minidiff.runtime import device, seed_everything, standard_normal
@@ -217,6 +219,9 @@ def gpu_table(sizes: Sizes, judge: nn.Module, with_diffusers: bool) -> list[Row]
                         f"{plain / captured:.1f}× eager, recording included"))
         rows.append(Row("minidiff", f"sample {sizes.samples} digits, {name}, CUDA graph + bf16", f"{both:.1f} s",
                         f"{plain / both:.1f}× eager"))
+        copied = _seconds(lambda sampler=sampler: sampler(graphed(bfloat16_copy(model))))[1]
+        rows.append(Row("minidiff", f"sample {sizes.samples} digits, {name}, CUDA graph + bf16 weights",
+                        f"{copied:.1f} s", f"{plain / copied:.1f}× eager"))
     if with_diffusers:
         theirs = diffusers_training(sizes, judge, sizes.train_seconds)
         rows.append(Row("diffusers", "training it/s, eager (UNet2DModel, bf16)", f"{theirs['it_per_s']:.1f}",

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from minidiff.mixed_precision import Bfloat16Weights
+from minidiff.mixed_precision import Bfloat16Weights, bfloat16_copy
 from minidiff.nets import MLPDenoiser
 from minidiff.schedules import NoiseSchedule
 from minidiff.toys import sample_toy
 from minidiff.train import ddpm_loss, fit
+from minidiff.weights import pretrained
 
 SCHEDULE = NoiseSchedule.linear(1000)
 
@@ -97,6 +98,23 @@ def test_updates_below_bfloat16_resolution_add_up_in_the_master_weights() -> Non
     assert moved.median() > 0.3 * steps * lr and moved.max() < 1.5 * steps * lr
 
 
+def test_a_bfloat16_copy_predicts_what_the_float32_network_does() -> None:
+    """The shipped U-Net's sampling copy: bfloat16 weights, float32 in and out, its ε within bfloat16 noise of the
+    float32 network's (the reference), and the float32 network left as it was."""
+    model = pretrained("mnist_ddpm")
+    before = [p.clone() for p in model.parameters()]
+    fast = bfloat16_copy(model)
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16} and not fast.training
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(1, 1000, 64).long()
+    with torch.no_grad():
+        exact, rounded = model(x, t), fast(x, t)
+    assert rounded.dtype == torch.float32
+    error = ((rounded - exact).norm() / exact.norm()).item()
+    assert 1e-4 < error < 0.03, f"relative error of the bfloat16 copy's ε: {error:.2e}"
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+
+
 def test_bad_inputs_name_the_argument() -> None:
     model = MLPDenoiser(hidden=16, num_blocks=1)
     with pytest.raises(ValueError, match="bf16_weights must be True or False"):
@@ -106,3 +124,5 @@ def test_bad_inputs_name_the_argument() -> None:
         Bfloat16Weights(MLPDenoiser(hidden=16, num_blocks=1).double())
     with pytest.raises(ValueError, match=r"master must be an nn\.Module"):
         Bfloat16Weights(lambda x: x)
+    with pytest.raises(ValueError, match=r"model must be an nn\.Module"):
+        bfloat16_copy("mnist_ddpm")
