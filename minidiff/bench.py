@@ -197,13 +197,15 @@ def gpu_table(sizes: Sizes, judge: nn.Module, with_diffusers: bool) -> list[Row]
     rows = []
     eager = minidiff_training(sizes, judge, False, sizes.train_seconds / 6)
     rows.append(Row("minidiff", "training it/s, eager (batch 256, bf16)", f"{eager['it_per_s']:.1f}"))
-    fast = minidiff_training(sizes, judge, True, sizes.train_seconds, evaluate_every=sizes.eval_every)
-    rows.append(Row("minidiff", "training it/s, CUDA graph", f"{fast['it_per_s']:.1f}",
-                    f"{fast['it_per_s'] / eager['it_per_s']:.1f}× eager"))
-    weights = minidiff_training(sizes, judge, True, sizes.train_seconds / 6, bf16_weights=True)
-    rows.append(Row("minidiff", "training it/s, CUDA graph + bf16 weights", f"{weights['it_per_s']:.1f}",
-                    f"{weights['it_per_s'] / eager['it_per_s']:.1f}× eager (float32 master weights)"))
-    rows.append(Row("minidiff", "time to FID ratio ≤ 1.5 (DDIM-50), CUDA graph",
+    graph = minidiff_training(sizes, judge, True, sizes.train_seconds / 6)
+    rows.append(Row("minidiff", "training it/s, CUDA graph", f"{graph['it_per_s']:.1f}",
+                    f"{graph['it_per_s'] / eager['it_per_s']:.1f}× eager"))
+    # the fastest path is the one timed to the FID target
+    fast = minidiff_training(sizes, judge, True, sizes.train_seconds, evaluate_every=sizes.eval_every,
+                             bf16_weights=True)
+    rows.append(Row("minidiff", "training it/s, CUDA graph + bf16 weights", f"{fast['it_per_s']:.1f}",
+                    f"{fast['it_per_s'] / eager['it_per_s']:.1f}× eager (float32 master weights)"))
+    rows.append(Row("minidiff", "time to FID ratio ≤ 1.5 (DDIM-50), CUDA graph + bf16 weights",
                     _time_text(fast["reached"], sizes.train_seconds), f"{fast['steps']} steps in the run"))
     model, schedule = fast["ema"], NoiseSchedule.linear(1000)
     noise = standard_normal((sizes.samples, 1, 28, 28), torch.Generator().manual_seed(2), device())
@@ -225,7 +227,8 @@ def gpu_table(sizes: Sizes, judge: nn.Module, with_diffusers: bool) -> list[Row]
     if with_diffusers:
         theirs = diffusers_training(sizes, judge, sizes.train_seconds)
         rows.append(Row("diffusers", "training it/s, eager (UNet2DModel, bf16)", f"{theirs['it_per_s']:.1f}",
-                        f"minidiff's graph: {fast['it_per_s'] / theirs['it_per_s']:.1f}× this"))
+                        f"minidiff's graph: {graph['it_per_s'] / theirs['it_per_s']:.1f}× this, with bf16 "
+                        f"weights {fast['it_per_s'] / theirs['it_per_s']:.1f}×"))
         rows.append(Row("diffusers", "time to FID ratio ≤ 1.5 (DDIM-50)",
                         _time_text(theirs["reached"], sizes.train_seconds), f"{theirs['steps']} steps in the run"))
         for ddpm, name in ((True, f"DDPM-{1000}"), (False, "DDIM-50")):
